@@ -1,0 +1,194 @@
+"""Guest physical memory.
+
+Guest RAM is a set of non-overlapping regions, each backed by an anonymous (or file) ``mmap`` that is
+also registered with KVM.  Every access goes through :class:`GuestMemory`, which checks that the whole
+range lies inside one region: a bad guest address raises :class:`GuestMemoryError`, it never reads or
+writes outside the mapping.  :meth:`GuestMemory.view` gives zero-copy ``memoryview`` slices for the hot
+paths (virtqueues, ``os.preadv`` straight into guest RAM).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import struct
+from bisect import bisect_right
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class GuestMemoryError(ValueError):
+    """A guest physical address range that is not (entirely) backed by guest RAM."""
+
+
+@dataclass(eq=False)
+class MemoryRegion:
+    """One contiguous range of guest RAM backed by a host mapping."""
+
+    guest_addr: int
+    size: int
+    mm: mmap.mmap = field(repr=False)
+    view: memoryview = field(repr=False)
+    host_addr: int
+
+    @property
+    def end(self) -> int:
+        """First guest address past the region."""
+        return self.guest_addr + self.size
+
+
+def _map(size: int, fd: int | None, offset: int) -> mmap.mmap:
+    if fd is None:
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+        return mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+
+
+class GuestMemory:
+    """Guest RAM made of one or more regions, addressed by guest physical address."""
+
+    def __init__(self, layout: Iterable[tuple[int, int]], fd: int | None = None) -> None:
+        """Map each ``(guest_addr, size)`` of *layout*: anonymous memory, or consecutive parts of *fd*."""
+        regions: list[MemoryRegion] = []
+        offset = 0
+        for guest_addr, size in sorted(layout):
+            if size <= 0 or size % mmap.PAGESIZE or guest_addr % mmap.PAGESIZE:
+                raise GuestMemoryError(
+                    f"memory region {guest_addr:#x}+{size:#x} is not a positive whole number of pages"
+                )
+            if regions and guest_addr < regions[-1].end:
+                raise GuestMemoryError(f"memory region at {guest_addr:#x} overlaps the previous one")
+            mm = _map(size, fd, offset)
+            offset += size
+            host_addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+            regions.append(MemoryRegion(guest_addr, size, mm, memoryview(mm), host_addr))
+        if not regions:
+            raise GuestMemoryError("guest memory needs at least one region")
+        self._regions = regions
+        self._starts = [r.guest_addr for r in regions]
+
+    # -- layout --------------------------------------------------------------------------------------
+    @property
+    def regions(self) -> list[MemoryRegion]:
+        """The regions, sorted by guest address."""
+        return list(self._regions)
+
+    @property
+    def size(self) -> int:
+        """Total bytes of guest RAM."""
+        return sum(r.size for r in self._regions)
+
+    def __iter__(self) -> Iterator[MemoryRegion]:
+        return iter(self._regions)
+
+    def _find(self, gpa: int, length: int) -> tuple[MemoryRegion, int]:
+        i = bisect_right(self._starts, gpa) - 1
+        if i >= 0 and length >= 0:
+            r = self._regions[i]
+            off = gpa - r.guest_addr
+            if off + length <= r.size:
+                return r, off
+        raise GuestMemoryError(f"guest address range {gpa:#x}+{length:#x} is outside guest RAM")
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        """True when ``[gpa, gpa + length)`` lies in one region."""
+        try:
+            self._find(gpa, length)
+        except GuestMemoryError:
+            return False
+        return True
+
+    def host_address(self, gpa: int) -> int:
+        """Host virtual address of guest physical address *gpa*."""
+        r, off = self._find(gpa, 1)
+        return r.host_addr + off
+
+    # -- access --------------------------------------------------------------------------------------
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A zero-copy, writable view of ``[gpa, gpa + length)``."""
+        r, off = self._find(gpa, length)
+        return r.view[off : off + length]
+
+    def read(self, gpa: int, length: int) -> bytes:
+        """Copy *length* bytes out of guest memory."""
+        r, off = self._find(gpa, length)
+        return r.mm[off : off + length]
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        """Copy *data* into guest memory at *gpa*."""
+        n = len(data) if not isinstance(data, memoryview) else data.nbytes
+        r, off = self._find(gpa, n)
+        r.view[off : off + n] = data
+
+    def fill(self, gpa: int, length: int, value: int = 0) -> None:
+        """Set *length* bytes at *gpa* to *value*."""
+        r, off = self._find(gpa, length)
+        r.mm[off : off + length] = bytes([value]) * length
+
+    def read_u8(self, gpa: int) -> int:
+        r, off = self._find(gpa, 1)
+        return r.mm[off]
+
+    def read_u16(self, gpa: int) -> int:
+        r, off = self._find(gpa, 2)
+        return _U16.unpack_from(r.mm, off)[0]
+
+    def read_u32(self, gpa: int) -> int:
+        r, off = self._find(gpa, 4)
+        return _U32.unpack_from(r.mm, off)[0]
+
+    def read_u64(self, gpa: int) -> int:
+        r, off = self._find(gpa, 8)
+        return _U64.unpack_from(r.mm, off)[0]
+
+    def write_u8(self, gpa: int, value: int) -> None:
+        r, off = self._find(gpa, 1)
+        r.mm[off] = value
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        r, off = self._find(gpa, 2)
+        _U16.pack_into(r.mm, off, value)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        r, off = self._find(gpa, 4)
+        _U32.pack_into(r.mm, off, value)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        r, off = self._find(gpa, 8)
+        _U64.pack_into(r.mm, off, value)
+
+    def read_cstring(self, gpa: int, max_length: int = 4096) -> bytes:
+        """The NUL-terminated string at *gpa* (without the NUL), at most *max_length* bytes."""
+        r, off = self._find(gpa, 1)
+        end = r.mm.find(b"\0", off, min(r.size, off + max_length))
+        if end < 0:
+            raise GuestMemoryError(f"no NUL-terminated string within {max_length} bytes at {gpa:#x}")
+        return r.mm[off:end]
+
+    def close(self) -> None:
+        """Unmap everything (views handed out earlier must be released first)."""
+        for r in self._regions:
+            r.view.release()
+            try:
+                r.mm.close()
+            except BufferError:  # a caller still holds a view or ctypes object: leave it mapped
+                pass
+
+    @classmethod
+    def anonymous(cls, size: int) -> GuestMemory:
+        """One region of *size* bytes at guest address 0 (tests, simple guests)."""
+        return cls([(0, size)])
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], layout: Iterable[tuple[int, int]]) -> GuestMemory:
+        """Regions backed by consecutive parts of the file at *path* (shared mapping)."""
+        fd = os.open(path, os.O_RDWR)
+        try:
+            return cls(layout, fd=fd)
+        finally:
+            os.close(fd)
