@@ -1,0 +1,125 @@
+/*
+ * pyrovm test guest: boot-info parsing and the table of tests.
+ * Everything here runs at CPL3.  To add a test: write `static int test_x(void)` returning
+ * the exit status (or never returning) and add it to `tests[]`.
+ */
+#include "guest.h"
+
+#define BOOT_KIND_PVH 0
+#define BOOT_KIND_LINUX 1
+#define HVM_START_MAGIC 0x336ec578u
+#define MMIO_TEST_ADDR 0xc0000000ull
+#define PIO_TEST_PORT 0x500
+
+static const char *boot_cmdline(uint64_t kind, uint64_t info)
+{
+	uint64_t p = 0;
+	if (kind == BOOT_KIND_PVH) {
+		info = (uint32_t)info;
+		if (info && mmio_read32(info) == HVM_START_MAGIC)
+			p = mmio_read64(info + 24); /* cmdline_paddr */
+	} else if (info && info < (1ull << 32)) {
+		p = mmio_read32(info + 0x228) | ((uint64_t)mmio_read32(info + 0x0c8) << 32);
+	}
+	if (p == 0 || p >= (1ull << 32)) /* only the low 4 GiB is mapped */
+		return NULL;
+	return (const char *)p;
+}
+
+static int test_hello(void)
+{
+	put_str("hello from the test guest\n");
+	return 0;
+}
+
+static int test_exit(void)
+{
+	uint64_t status = cmdline_get("status", 0);
+	put_str("exit status ");
+	put_u64((uint32_t)status);
+	put_char('\n');
+	return (int)(uint32_t)status;
+}
+
+static int test_spin(void)
+{
+	for (;;)
+		barrier();
+	__builtin_unreachable();
+}
+
+static int test_triple_fault(void)
+{
+	put_str("triple-fault\n");
+	__asm__ volatile("ud2");
+	return 1;
+}
+
+static int test_pio(void)
+{
+	uint64_t n = cmdline_get("count", 1);
+	for (uint64_t i = 0; i < n; i++)
+		outb(PIO_TEST_PORT, (uint8_t)i);
+	put_str("pio done ");
+	put_u64(n);
+	put_char('\n');
+	return 0;
+}
+
+static int test_mmio(void)
+{
+	uint64_t n = cmdline_get("count", 1);
+	for (uint64_t i = 0; i < n; i++)
+		mmio_write32(MMIO_TEST_ADDR, (uint32_t)i);
+	put_str("mmio done ");
+	put_u64(n);
+	put_char('\n');
+	return 0;
+}
+
+static int test_echo(void)
+{
+	put_str("echo ready\n");
+	for (;;) {
+		int c = uart_getc();
+		if (c == 0x04) {
+			put_str("\nbye\n");
+			return 0;
+		}
+		uart_putc((char)c);
+	}
+}
+
+struct test {
+	const char *name;
+	int (*run)(void);
+};
+
+static const struct test tests[] = {
+	{"hello", test_hello},
+	{"exit", test_exit},
+	{"spin", test_spin},
+	{"triple-fault", test_triple_fault},
+	{"cpus", test_cpus},
+	{"pio", test_pio},
+	{"mmio", test_mmio},
+	{"echo", test_echo},
+};
+
+__attribute__((noreturn)) void guest_main(uint64_t kind, uint64_t info, uint32_t apic_id);
+
+uint32_t bsp_apic_id;
+
+void guest_main(uint64_t kind, uint64_t info, uint32_t apic_id)
+{
+	bsp_apic_id = apic_id;
+	size_t len;
+	cmdline_set(boot_cmdline(kind, info));
+	const char *name = cmdline_find("test", &len);
+	if (name)
+		for (size_t i = 0; i < sizeof(tests) / sizeof(tests[0]); i++)
+			if (str_eq_n(tests[i].name, name, len))
+				vm_exit((uint32_t)tests[i].run());
+	put_str("unknown test\n");
+	vm_exit(2);
+}
