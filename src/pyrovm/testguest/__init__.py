@@ -54,8 +54,8 @@ _SOURCE_SUFFIXES = {".c", ".h", ".S", ".ld"}
 
 
 def _source_files() -> list[Path]:
-    files = [p for p in SOURCE_DIR.iterdir() if p.is_file() and (p.suffix in _SOURCE_SUFFIXES or p.name == "Makefile")]
-    return sorted(files, key=lambda p: p.name)
+    files = [p for p in SOURCE_DIR.iterdir() if p.suffix in _SOURCE_SUFFIXES or p.name == "Makefile"]
+    return sorted((p for p in files if p.is_file()), key=lambda p: p.name)
 
 
 def _require_tools() -> None:
