@@ -140,7 +140,7 @@ needs_qemu = pytest.mark.skipif(
 
 
 def qemu(guest: Path, cmdline: str, smp: int = 1, stdin: bytes = b"") -> tuple[int, str]:
-    args = [*testguest.QEMU_ARGS, "-smp", str(smp), "-kernel", str(guest), "-append", cmdline]
+    args = testguest.qemu_command(guest, cmdline, smp=smp)
     proc = subprocess.run(args, input=stdin, capture_output=True, timeout=120)
     return proc.returncode, proc.stdout.decode(errors="replace")
 

@@ -1,25 +1,36 @@
 """The pyrovm test guest: a small freestanding C + asm program for booting under pyrovm or QEMU.
 
 The guest is an ELF64 image loaded at 1 MiB with a Xen PVH entry note (32-bit entry, EBX =
-``hvm_start_info``) and a 64-bit ``e_entry`` (long mode, CPL0, RSI = Linux zero page).  It does its
-CPL0 set-up in ~15 instructions (own GDT, static identity-mapped page tables for the low 4 GiB with
-2 MiB U+W pages, EFER.LME, paging) and then runs at CPL3 with IOPL=3.  No IDT: any exception
-triple-faults.  The ``test=`` word on the command line selects a test (hello, exit, spin,
-triple-fault, cpus, pio, mmio, echo); output goes to the 16550 UART at 0x3f8 and the exit status is
-written with ``outl`` to port 0xf4 (QEMU ``isa-debug-exit``).
+``hvm_start_info``) and a 64-bit ``e_entry`` (long mode, CPL0, RSI = Linux zero page).  Its CPL0
+set-up is a straight line of 18 instructions (PVH), 10 (64-bit entry) or 16 (AP, from real mode),
+iretq included: own GDT, static identity-mapped page tables for the low 4 GiB (2 MiB pages, U+W+P,
+A/D preset), EFER.LME, paging, CPUID leaf 1 (see below), then ``iretq`` to CPL3 with IOPL=3.  No IDT:
+any exception triple-faults.  The ``test=`` word on the command line selects a test (hello, exit,
+spin, triple-fault, cpus, pio, mmio, echo); output goes to the 16550 UART at 0x3f8 and the exit
+status is written with ``outl`` to port 0xf4 (QEMU ``isa-debug-exit``).
 
-Memory used below 1 MiB: only 0x8000-0x802a (the AP trampoline, copied there at run time by
-``test=cpus``).  Above 1 MiB: 0x100000 up to the end of .bss (about 0x188000), which must be zero.
+For the VMM:
 
-Booting under QEMU (works on the PVM host too)::
+* Memory: the image occupies 0x100000 to the end of its .bss (about 0x18a000); .bss must read as
+  zero (fresh guest RAM is).  The guest's own page tables are inside the image (CR3 = 0x102000).
+  Below 1 MiB only 0x8000-0x802a is written (the AP trampoline, copied there by ``test=cpus``).
+  Neither entry needs a stack or GDT from the VMM; the 64-bit entry needs the image identity-mapped.
+* The vCPU's CPUID must report long mode (``KVM_SET_CPUID2``): the guest writes EFER.LME.
+* ``test=cpus`` uses the LAPIC at 0xfee00000 from CPL3 (SVR, ICR with shorthand "all excluding
+  self": INIT, then SIPI vector 0x08 twice) and runs each AP in real mode from 0x8000.
+* APIC ids come from CPUID leaf 1 executed at CPL0: on PVM hosts CPUID at CPL3 is not intercepted
+  and reports the host CPU's values.
+
+Booting under QEMU (works on this project's PVM hosts; QEMU 7.2)::
 
     qemu-system-x86_64 -M microvm,acpi=off -enable-kvm -cpu qemu64,-cx16,-xsave -m 128M \\
         -nodefaults -no-user-config -no-reboot -display none -serial stdio \\
         -device isa-debug-exit,iobase=0xf4,iosize=0x04 -kernel guest.elf -append "test=hello"
 
-(add ``-smp 4`` for ``test=cpus``).  QEMU's exit code is ``(status << 1) | 1``; a triple fault with
-``-no-reboot`` ends QEMU with exit code 0.  ``QEMU_ARGS`` holds those arguments, without ``-kernel``,
-``-append`` and ``-smp``.
+add ``-smp 4`` for ``test=cpus``; for ``test=echo`` feed stdin (``-serial stdio`` reads it).  QEMU's
+exit code is ``(status << 1) | 1``; a triple fault with ``-no-reboot`` ends QEMU with exit code 0.
+``QEMU_ARGS`` holds those arguments without ``-kernel``/``-append``/``-smp``; ``qemu_command()``
+builds a full command line.
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-__all__ = ["QEMU_ARGS", "SOURCE_DIR", "build", "cache_dir", "source_hash"]
+__all__ = ["QEMU_ARGS", "SOURCE_DIR", "build", "cache_dir", "qemu_command", "source_hash"]
 
 SOURCE_DIR = Path(__file__).resolve().parent
 
@@ -49,6 +60,12 @@ QEMU_ARGS: list[str] = [
     "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
 ]  # fmt: skip
 """QEMU command line for the test guest; append ``-kernel PATH -append CMDLINE`` (and ``-smp N``)."""
+
+
+def qemu_command(kernel: Path | str, cmdline: str, smp: int = 1) -> list[str]:
+    """Full QEMU command line booting *kernel* (the test guest) with *cmdline* on *smp* vCPUs."""
+    return [*QEMU_ARGS, "-smp", str(smp), "-kernel", str(kernel), "-append", cmdline]
+
 
 _SOURCE_SUFFIXES = {".c", ".h", ".S", ".ld"}
 
@@ -75,7 +92,9 @@ def source_hash() -> str:
         data = path.read_bytes()
         h.update(f"{path.name}\0{len(data)}\0".encode())
         h.update(data)
-    gcc = subprocess.run(["gcc", "--version"], capture_output=True, check=True)
+    gcc = subprocess.run(["gcc", "--version"], capture_output=True)
+    if gcc.returncode != 0:
+        raise RuntimeError(f"`gcc --version` failed: {gcc.stderr.decode(errors='replace')}")
     h.update(gcc.stdout)
     return h.hexdigest()
 
