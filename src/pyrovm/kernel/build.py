@@ -39,6 +39,7 @@ __all__ = [
     "cache_key",
     "cache_root",
     "check_config",
+    "configure",
     "fragment_texts",
     "parse_config",
     "pvm_host",
@@ -445,6 +446,41 @@ def _copy_atomic(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+def configure(tree: Path, fragments: list[tuple[str, str]], scratch: Path,
+              progress: Callable[[str], None] | None = None) -> dict[str, str]:
+    """Configure ``tree``: tinyconfig + the fragments (merge_config.sh -m) + olddefconfig, then check.
+
+    Returns the final ``.config`` as a dict; raises :class:`KernelBuildError` listing every fragment option
+    that did not land (an unmet dependency, a misspelt name, a choice that could not be taken).
+    """
+    def log(message: str) -> None:
+        if progress is not None:
+            progress(message)
+
+    log("make tinyconfig")
+    _run(["make", "tinyconfig"], tree, "make tinyconfig")
+    frag_paths: list[Path] = []
+    wanted: dict[str, str] = {}
+    for name, text in fragments:
+        path = scratch / name
+        path.write_text(text)
+        frag_paths.append(path)
+        wanted.update(parse_config(text))
+    log(f"merge {' '.join(n for n, _ in fragments)}")
+    _run(["sh", "scripts/kconfig/merge_config.sh", "-m", ".config", *map(str, frag_paths)], tree,
+         "merge_config.sh")
+    _run(["make", "olddefconfig"], tree, "make olddefconfig")
+    config = parse_config((tree / ".config").read_text())
+    missing = check_config(wanted, config)
+    if missing:
+        raise KernelBuildError(
+            f"{len(missing)} fragment option(s) did not land in .config (unmet dependencies?): "
+            + "; ".join(missing)
+        )
+    log(f"all {len(wanted)} fragment options present in .config")
+    return config
+
+
 def _build_into(src: _Source, fragments: list[tuple[str, str]], patches: tuple[SourcePatch, ...],
                 jobs: int, work: Path, final: Path, log: Callable[[str, str], None],
                 report_interval: float) -> None:
@@ -465,26 +501,7 @@ def _build_into(src: _Source, fragments: list[tuple[str, str]], patches: tuple[S
         log("patch", f"{patch.path}: {patch.reason}")
 
     # 2. Config.
-    log("config", "make tinyconfig")
-    _run(["make", "tinyconfig"], tree, "make tinyconfig")
-    frag_paths: list[Path] = []
-    wanted: dict[str, str] = {}
-    for name, text in fragments:
-        path = work / name
-        path.write_text(text)
-        frag_paths.append(path)
-        wanted.update(parse_config(text))
-    log("config", f"merge {' '.join(n for n, _ in fragments)}")
-    _run(["sh", "scripts/kconfig/merge_config.sh", "-m", ".config", *map(str, frag_paths)], tree,
-         "merge_config.sh")
-    _run(["make", "olddefconfig"], tree, "make olddefconfig")
-    missing = check_config(wanted, parse_config((tree / ".config").read_text()))
-    if missing:
-        raise KernelBuildError(
-            f"{len(missing)} fragment option(s) did not land in .config (unmet dependencies?):\n  "
-            + "\n  ".join(missing)
-        )
-    log("config", f"all {len(wanted)} fragment options present in .config")
+    configure(tree, fragments, work, lambda m: log("config", m))
 
     # 3. Build.
     log("build", f"make -j{jobs} bzImage")

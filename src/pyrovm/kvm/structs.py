@@ -90,7 +90,7 @@ KVM_APIC_REG_SIZE = 0x400
 
 
 class kvm_lapic_state(ctypes.Structure):
-    _fields_ = [("regs", c_char * KVM_APIC_REG_SIZE)]
+    _fields_ = [("regs", c_uint8 * KVM_APIC_REG_SIZE)]
 
 
 class kvm_irq_level(ctypes.Structure):

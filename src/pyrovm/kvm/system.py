@@ -34,7 +34,23 @@ class KvmCapabilityError(RuntimeError):
     """The host KVM lacks a capability pyrovm needs."""
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
+_libc.ioctl.restype = ctypes.c_int
+
+
+def _ioctl_ulong(fd: int, request: int, arg: int, what: str) -> int:
+    """An ioctl whose argument is an unsigned long value (fcntl.ioctl takes only a C int)."""
+    ret = _libc.ioctl(fd, request, arg)
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise KvmError(err, f"{what}: {os.strerror(err)}")
+    return int(ret)
+
+
 def _ioctl(fd: int, request: int, arg: object = 0, what: str = "") -> int:
+    if isinstance(arg, int) and arg > 0x7FFFFFFF:
+        return _ioctl_ulong(fd, request, arg, what)
     try:
         return fcntl.ioctl(fd, request, arg)  # type: ignore[call-overload, no-any-return]
     except OSError as exc:

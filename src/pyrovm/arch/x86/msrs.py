@@ -1,0 +1,35 @@
+"""Model-specific registers that Linux expects set at boot."""
+
+from __future__ import annotations
+
+MSR_IA32_SYSENTER_CS = 0x174
+MSR_IA32_SYSENTER_ESP = 0x175
+MSR_IA32_SYSENTER_EIP = 0x176
+MSR_STAR = 0xC0000081
+MSR_LSTAR = 0xC0000082
+MSR_CSTAR = 0xC0000083
+MSR_SYSCALL_MASK = 0xC0000084
+MSR_KERNEL_GS_BASE = 0xC0000102
+MSR_IA32_TSC = 0x10
+MSR_IA32_MISC_ENABLE = 0x1A0
+MSR_IA32_MISC_ENABLE_FAST_STRING = 1
+MSR_MTRR_DEF_TYPE = 0x2FF
+MTRR_ENABLE = 1 << 11
+MTRR_MEM_TYPE_WB = 6
+
+
+def boot_msrs() -> dict[int, int]:
+    """MSR index -> value for every vCPU at reset."""
+    return {
+        MSR_IA32_SYSENTER_CS: 0,
+        MSR_IA32_SYSENTER_ESP: 0,
+        MSR_IA32_SYSENTER_EIP: 0,
+        MSR_STAR: 0,
+        MSR_CSTAR: 0,
+        MSR_KERNEL_GS_BASE: 0,
+        MSR_SYSCALL_MASK: 0,
+        MSR_LSTAR: 0,
+        MSR_IA32_TSC: 0,
+        MSR_IA32_MISC_ENABLE: MSR_IA32_MISC_ENABLE_FAST_STRING,
+        MSR_MTRR_DEF_TYPE: MTRR_ENABLE | MTRR_MEM_TYPE_WB,
+    }

@@ -1,0 +1,353 @@
+"""virtio-blk on a raw image file (VIRTIO 1.2 §5.2).
+
+Requests: IN, OUT, FLUSH, GET_ID, DISCARD, WRITE_ZEROES.  Data moves with ``os.preadv`` / ``os.pwritev``
+straight between the file and views of guest memory.  Writes are in the file (page cache) before they
+are completed; FLUSH ``fsync``s before it completes.  DISCARD and WRITE_ZEROES punch holes with
+``fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)``.  The image is ``flock``ed (exclusive when
+writable, shared when read-only) so that two VMs cannot write it at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import struct
+from pathlib import Path
+
+from pyrovm.devices.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice
+from pyrovm.devices.virtio.queue import DescriptorChain, SplitQueue, split_views, trim_views
+
+SECTOR_SIZE = 512
+SECTOR_SHIFT = 9
+
+# Feature bits (§5.2.3)
+VIRTIO_BLK_F_SIZE_MAX = 1
+VIRTIO_BLK_F_SEG_MAX = 2
+VIRTIO_BLK_F_GEOMETRY = 4
+VIRTIO_BLK_F_RO = 5
+VIRTIO_BLK_F_BLK_SIZE = 6
+VIRTIO_BLK_F_FLUSH = 9
+VIRTIO_BLK_F_TOPOLOGY = 10
+VIRTIO_BLK_F_CONFIG_WCE = 11
+VIRTIO_BLK_F_MQ = 12
+VIRTIO_BLK_F_DISCARD = 13
+VIRTIO_BLK_F_WRITE_ZEROES = 14
+
+# Request types
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_T_FLUSH = 4
+VIRTIO_BLK_T_GET_ID = 8
+VIRTIO_BLK_T_GET_LIFETIME = 10
+VIRTIO_BLK_T_DISCARD = 11
+VIRTIO_BLK_T_WRITE_ZEROES = 13
+VIRTIO_BLK_T_SECURE_ERASE = 14
+
+# Status
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_S_IOERR = 1
+VIRTIO_BLK_S_UNSUPP = 2
+
+VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
+VIRTIO_BLK_ID_BYTES = 20
+
+MAX_DISCARD_SECTORS = 0x3FFFFF
+MAX_DISCARD_SEG = 32
+DISCARD_SECTOR_ALIGNMENT = 8
+MAX_WRITE_ZEROES_SECTORS = 0x3FFFFF
+MAX_WRITE_ZEROES_SEG = 32
+
+REQ_HEADER = struct.Struct("<IIQ")
+DISCARD_SEGMENT = struct.Struct("<QII")
+CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+_ZEROES = bytes(1 << 20)
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """``fallocate(2)``; raises OSError."""
+    while _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, os.strerror(err))
+
+
+class BlockError(Exception):
+    """The disk image cannot be used (missing, size not a multiple of 512, locked...)."""
+
+
+class DiskLockedError(BlockError):
+    """Another process (another VM) holds a conflicting lock on the image."""
+
+
+class _Status(Exception):
+    """Internal: finish the request with this status."""
+
+    def __init__(self, status: int, why: str = "") -> None:
+        super().__init__(why)
+        self.status = status
+
+
+def _preadv_full(fd: int, views: list[memoryview], offset: int) -> int:
+    total = 0
+    while views:
+        batch = views[:_IOV_MAX]
+        want = sum(v.nbytes for v in batch)
+        n = os.preadv(fd, batch, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "unexpected end of disk image")
+        total += n
+        offset += n
+        views = views[len(batch) :] if n == want else split_views(views, n)[1]
+    return total
+
+
+def _pwritev_full(fd: int, views: list[memoryview], offset: int) -> int:
+    total = 0
+    while views:
+        batch = views[:_IOV_MAX]
+        want = sum(v.nbytes for v in batch)
+        n = os.pwritev(fd, batch, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write to disk image")
+        total += n
+        offset += n
+        views = views[len(batch) :] if n == want else split_views(views, n)[1]
+    return total
+
+
+class VirtioBlock(VirtioDevice):
+    """A virtio block device backed by a raw image file."""
+
+    device_id = VIRTIO_ID_BLOCK
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        read_only: bool = False,
+        serial: str | bytes | None = None,
+        queue_size: int = 256,
+        name: str | None = None,
+    ) -> None:
+        """Open and lock *path*; raises :class:`BlockError` / :class:`DiskLockedError` naming the file."""
+        self.path = Path(path)
+        super().__init__(name or f"virtio-blk({self.path.name})", [queue_size])
+        if isinstance(serial, str):
+            try:
+                serial = serial.encode("ascii")
+            except UnicodeEncodeError:
+                raise BlockError(f"{self.path}: serial {serial!r} is not ASCII") from None
+        serial = serial or b""
+        if len(serial) > VIRTIO_BLK_ID_BYTES:
+            raise BlockError(f"{self.path}: serial {serial!r} is longer than {VIRTIO_BLK_ID_BYTES} bytes")
+        self.serial = serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
+        self.read_only = read_only
+        try:
+            fd = os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        except OSError as e:
+            raise BlockError(f"{self.path}: cannot open disk image: {e.strerror}") from None
+        try:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DiskLockedError(
+                    f"{self.path}: disk image is locked by another process (already in use by another VM?)"
+                ) from None
+            size = os.lseek(fd, 0, os.SEEK_END)
+            if size == 0 or size % SECTOR_SIZE:
+                raise BlockError(
+                    f"{self.path}: disk image size {size} is not a positive multiple of 512 bytes"
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        self.size = size
+        self.capacity = size >> SECTOR_SHIFT
+        self._config = CONFIG.pack(
+            self.capacity,
+            0,  # size_max (feature not offered)
+            max(queue_size - 2, 1),  # seg_max
+            0,
+            0,
+            0,  # geometry
+            SECTOR_SIZE,  # blk_size
+            0,
+            0,
+            0,
+            0,  # topology
+            0,  # writeback
+            0,  # unused0
+            1,  # num_queues
+            MAX_DISCARD_SECTORS,
+            MAX_DISCARD_SEG,
+            DISCARD_SECTOR_ALIGNMENT,
+            MAX_WRITE_ZEROES_SECTORS,
+            MAX_WRITE_ZEROES_SEG,
+            1,  # write_zeroes_may_unmap
+        )
+
+    # -- description -----------------------------------------------------------------------------------
+    def device_features(self) -> int:
+        bits = [VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH]
+        if self.read_only:
+            bits.append(VIRTIO_BLK_F_RO)
+        else:
+            bits += [VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES]
+        return sum(1 << b for b in bits)
+
+    def config_bytes(self) -> bytes:
+        return self._config
+
+    def close(self) -> None:
+        """Unlock and close the image."""
+        if self.fd >= 0:
+            os.close(self.fd)  # drops the flock
+            self.fd = -1
+
+    def __enter__(self) -> VirtioBlock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- requests --------------------------------------------------------------------------------------
+    def handle_chain(self, queue_index: int, queue: SplitQueue, chain: DescriptorChain) -> int:
+        stats = self.stats
+        stats.requests += 1
+        if not chain.writable or chain.writable[-1][1] == 0:
+            stats.errors += 1
+            self.log_once("no-status", "%s: request without a writable status byte", self.name)
+            return 0
+        data_in, status = trim_views(chain.writable_views(), 1)
+        written = 0
+        rtype = -1
+        try:
+            header = chain.read_prefix(REQ_HEADER.size)
+            if len(header) < REQ_HEADER.size:
+                raise _Status(VIRTIO_BLK_S_IOERR, "request header is not in device-readable buffers")
+            rtype, _, sector = REQ_HEADER.unpack_from(header)
+            extra = chain.readable_len - REQ_HEADER.size
+            if rtype == VIRTIO_BLK_T_IN:
+                if extra:
+                    raise _Status(VIRTIO_BLK_S_IOERR, "read request with device-readable data buffers")
+                written = self._read(sector, data_in)
+            elif rtype == VIRTIO_BLK_T_OUT:
+                if data_in:
+                    raise _Status(VIRTIO_BLK_S_IOERR, "write request with device-writable data buffers")
+                self._write(sector, split_views(chain.readable_views(), REQ_HEADER.size)[1])
+            elif rtype == VIRTIO_BLK_T_FLUSH:
+                if not self.read_only:
+                    os.fsync(self.fd)
+            elif rtype == VIRTIO_BLK_T_GET_ID:
+                written = chain.write_to_writable(self.serial[: sum(v.nbytes for v in data_in)])
+            elif rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
+                self._discard_or_zero(rtype, chain)
+            else:
+                raise _Status(VIRTIO_BLK_S_UNSUPP, f"unsupported request type {rtype}")
+            code = VIRTIO_BLK_S_OK
+        except _Status as s:
+            code = s.status
+            stats.errors += 1
+            self.log_once(f"status:{code}:{rtype}", "%s: request failed (status %d): %s", self.name, code, s)
+        except OSError as e:
+            code = VIRTIO_BLK_S_IOERR
+            stats.errors += 1
+            self.log_once(f"oserror:{e.errno}", "%s: I/O error: %s", self.name, e)
+        status[-1][0] = code
+        return written + 1
+
+    def _check_range(self, sector: int, nbytes: int) -> int:
+        offset = sector << SECTOR_SHIFT
+        if nbytes % SECTOR_SIZE:
+            raise _Status(VIRTIO_BLK_S_IOERR, f"data length {nbytes} is not a multiple of 512")
+        if offset + nbytes > self.size:
+            raise _Status(
+                VIRTIO_BLK_S_IOERR, f"sectors {sector}+{nbytes >> SECTOR_SHIFT} beyond the disk end"
+            )
+        return offset
+
+    def _read(self, sector: int, views: list[memoryview]) -> int:
+        nbytes = sum(v.nbytes for v in views)
+        offset = self._check_range(sector, nbytes)
+        n = _preadv_full(self.fd, views, offset)
+        self.stats.bytes_read += n
+        return n
+
+    def _write(self, sector: int, views: list[memoryview]) -> None:
+        if self.read_only:
+            raise _Status(VIRTIO_BLK_S_IOERR, "write to a read-only disk")
+        nbytes = sum(v.nbytes for v in views)
+        offset = self._check_range(sector, nbytes)
+        self.stats.bytes_written += _pwritev_full(self.fd, views, offset)
+
+    def _discard_or_zero(self, rtype: int, chain: DescriptorChain) -> None:
+        zeroes = rtype == VIRTIO_BLK_T_WRITE_ZEROES
+        feature = VIRTIO_BLK_F_WRITE_ZEROES if zeroes else VIRTIO_BLK_F_DISCARD
+        if self.read_only or not self.has_feature(feature):
+            raise _Status(VIRTIO_BLK_S_UNSUPP, f"{'write-zeroes' if zeroes else 'discard'} not negotiated")
+        length = chain.readable_len - REQ_HEADER.size
+        max_seg = MAX_WRITE_ZEROES_SEG if zeroes else MAX_DISCARD_SEG
+        if length <= 0 or length % DISCARD_SEGMENT.size or length // DISCARD_SEGMENT.size > max_seg:
+            raise _Status(VIRTIO_BLK_S_IOERR, f"bad discard/write-zeroes segment list of {length} bytes")
+        raw = chain.read_prefix(REQ_HEADER.size + length)
+        segments = [
+            DISCARD_SEGMENT.unpack_from(raw, off)
+            for off in range(REQ_HEADER.size, REQ_HEADER.size + length, DISCARD_SEGMENT.size)
+        ]
+        max_sectors = MAX_WRITE_ZEROES_SECTORS if zeroes else MAX_DISCARD_SECTORS
+        for sector, num, flags in segments:  # validate everything before touching the file
+            if flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP or (not zeroes and flags):
+                raise _Status(VIRTIO_BLK_S_UNSUPP, f"unsupported discard/write-zeroes flags {flags:#x}")
+            if num > max_sectors:
+                raise _Status(VIRTIO_BLK_S_IOERR, f"{num} sectors is over the limit of {max_sectors}")
+            self._check_range(sector, num << SECTOR_SHIFT)
+        for sector, num, flags in segments:
+            offset, nbytes = sector << SECTOR_SHIFT, num << SECTOR_SHIFT
+            if nbytes == 0:
+                continue
+            if not zeroes:
+                self._punch(offset, nbytes, must_zero=False)
+            elif flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP:
+                self._punch(offset, nbytes, must_zero=True)
+            else:
+                self._zero_range(offset, nbytes)
+
+    def _punch(self, offset: int, nbytes: int, must_zero: bool) -> None:
+        try:
+            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, nbytes)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENODEV):
+                raise
+            self.log_once("no-punch", "%s: hole punching not supported here: %s", self.name, e)
+            if must_zero:
+                self._zero_range(offset, nbytes)
+
+    def _zero_range(self, offset: int, nbytes: int) -> None:
+        try:
+            fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, nbytes)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENODEV):
+                raise
+        zero = memoryview(_ZEROES)
+        while nbytes:
+            n = os.pwrite(self.fd, zero[: min(nbytes, len(_ZEROES))], offset)
+            if n <= 0:
+                raise OSError(errno.EIO, "short write to disk image")
+            offset += n
+            nbytes -= n

@@ -1,0 +1,168 @@
+"""The device side of virtio, independent of the transport.
+
+A :class:`VirtioDevice` says what it is (``device_id``, offered features, config space, number of queues
+and their maximum sizes) and serves requests: the transport calls :meth:`VirtioDevice.activate` once the
+driver sets DRIVER_OK, :meth:`VirtioDevice.process` when the driver kicks a queue and
+:meth:`VirtioDevice.reset` when it writes 0 to the status register.  Devices never raise for a bad
+request: they complete it with an error and count it.  Only a broken queue (:class:`QueueBrokenError`)
+leaves :meth:`process`, for the transport to set DEVICE_NEEDS_RESET.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+from pyrovm.devices.virtio.queue import ChainError, DescriptorChain, SplitQueue
+from pyrovm.memory import GuestMemory
+
+log = logging.getLogger("pyrovm.devices.virtio")
+
+# Device-independent feature bits (§6)
+VIRTIO_F_INDIRECT_DESC = 28
+VIRTIO_F_EVENT_IDX = 29
+VIRTIO_F_VERSION_1 = 32
+VIRTIO_F_ACCESS_PLATFORM = 33
+VIRTIO_F_RING_PACKED = 34
+
+#: Features every device gets from the split-queue implementation.
+TRANSPORT_FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_INDIRECT_DESC) | (1 << VIRTIO_F_EVENT_IDX)
+
+# Device IDs (§5)
+VIRTIO_ID_NET = 1
+VIRTIO_ID_BLOCK = 2
+VIRTIO_ID_CONSOLE = 3
+VIRTIO_ID_RNG = 4
+
+
+@dataclass
+class VirtioMetrics:
+    """Counters of one device.
+
+    ``bytes_read``: bytes the device delivered into guest buffers from its backend (disk reads, entropy);
+    ``bytes_written``: bytes it took from guest buffers into its backend (disk writes).
+    """
+
+    requests: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    errors: int = 0
+    notifications: int = 0
+    interrupts: int = 0
+
+
+class VirtioDevice:
+    """Base class of virtio devices (subclasses set ``device_id`` and implement :meth:`handle_chain`)."""
+
+    device_id: ClassVar[int] = 0
+
+    def __init__(self, name: str, queue_max_sizes: Sequence[int]) -> None:
+        self.name = name
+        self.queue_max_sizes = tuple(queue_max_sizes)
+        self.stats = VirtioMetrics()
+        self.acked_features = 0
+        self.memory: GuestMemory | None = None
+        self.queues: list[SplitQueue | None] = []
+        self._logged: set[str] = set()
+        self._kick: Callable[[int], None] | None = None
+
+    # -- description ---------------------------------------------------------------------------------
+    @property
+    def num_queues(self) -> int:
+        return len(self.queue_max_sizes)
+
+    def device_features(self) -> int:
+        """Device-type feature bits offered (the transport adds :data:`TRANSPORT_FEATURES`)."""
+        return 0
+
+    @property
+    def features(self) -> int:
+        """All feature bits offered to the driver."""
+        return self.device_features() | TRANSPORT_FEATURES
+
+    def has_feature(self, bit: int) -> bool:
+        """True when feature *bit* was negotiated."""
+        return bool(self.acked_features >> bit & 1)
+
+    def config_bytes(self) -> bytes:
+        """The device configuration space as it reads now."""
+        return b""
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        """Bytes ``[offset, offset + size)`` of the config space; zeroes past its end."""
+        data = self.config_bytes()[offset : offset + size]
+        return data + bytes(size - len(data))
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """A driver write to the config space (read-only by default: ignored and logged once)."""
+        self.log_once("config-write", "%s: driver wrote read-only config space at %#x", self.name, offset)
+
+    # -- life cycle ------------------------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        return self.memory is not None
+
+    def bind(self, kick: Callable[[int], None]) -> None:
+        """The transport's way to (re)process a queue later, e.g. from a timer (takes its lock, signals)."""
+        self._kick = kick
+
+    def activate(self, memory: GuestMemory, queues: list[SplitQueue | None]) -> None:
+        """The driver set DRIVER_OK: *queues* has one entry per queue, None where it was not made ready."""
+        self.memory = memory
+        self.queues = list(queues)
+
+    def reset(self) -> None:
+        """The driver reset the device: forget the queues and every request in flight."""
+        self.memory = None
+        self.queues = []
+        self.acked_features = 0
+
+    # -- requests --------------------------------------------------------------------------------------
+    def process(self, queue_index: int) -> None:
+        """Serve every available chain of queue *queue_index*.  Raises only :class:`QueueBrokenError`."""
+        if not 0 <= queue_index < len(self.queues):
+            return
+        queue = self.queues[queue_index]
+        if queue is None:
+            return
+        while True:
+            queue.disable_notification()
+            while True:
+                try:
+                    chain = queue.pop()
+                except ChainError as e:
+                    self.chain_failed(queue, e)
+                    continue
+                if chain is None:
+                    break
+                written = self.handle_chain(queue_index, queue, chain)
+                if written is None:  # deferred: the device put the chain back and will come back to it
+                    return
+                queue.add_used(chain.head, written)
+            if not queue.enable_notification():
+                return
+
+    def handle_chain(self, queue_index: int, queue: SplitQueue, chain: DescriptorChain) -> int | None:
+        """Serve one request; return the bytes written into its writable buffers, or None to defer it
+        (after :meth:`SplitQueue.undo_pop`)."""
+        raise NotImplementedError
+
+    def chain_failed(self, queue: SplitQueue, error: ChainError) -> None:
+        """A malformed chain: count it, log it once, give it back to the driver with nothing written."""
+        self.stats.requests += 1
+        self.stats.errors += 1
+        self.log_once(type(error).__name__, "%s: %s", self.name, error)
+        queue.add_used(error.head, 0)
+
+    # -- bookkeeping -----------------------------------------------------------------------------------
+    def log_once(self, key: str, msg: str, *args: object) -> None:
+        """Log *msg* at warning level the first time *key* happens on this device."""
+        if key not in self._logged:
+            self._logged.add(key)
+            log.warning(msg + " (further occurrences not logged)", *args)
+
+    def metrics(self) -> dict[str, int]:
+        """Flat dict: requests, bytes_read, bytes_written, errors, notifications, interrupts."""
+        return asdict(self.stats)

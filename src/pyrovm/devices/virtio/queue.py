@@ -1,0 +1,403 @@
+"""Split virtqueues (VIRTIO 1.2 §2.7), read through zero-copy views of guest memory.
+
+A :class:`SplitQueue` is built from the driver's queue registers (a :class:`QueueState`) once the driver
+sets DRIVER_OK.  :meth:`SplitQueue.pop` walks the next available descriptor chain and returns a
+:class:`DescriptorChain`; :meth:`SplitQueue.add_used` puts it back on the used ring;
+:meth:`SplitQueue.needs_notification` applies the notification suppression rules
+(``VIRTQ_AVAIL_F_NO_INTERRUPT`` or ``VIRTIO_F_EVENT_IDX``'s ``used_event``).
+
+Everything the guest controls is checked.  Two kinds of errors come out:
+
+* :class:`ChainError` (``fatal = False``): one request is malformed (a buffer outside guest RAM, a loop, a
+  readable descriptor after a writable one, a bad indirect table...).  The chain has been consumed and
+  its head is in ``error.head``: the device completes it (``add_used(head, 0)`` or an error status) and
+  goes on with the next one.
+* :class:`QueueBrokenError` (``fatal = True``): the queue itself cannot be trusted any more (bad size or
+  ring addresses, the avail index jumping by more than the queue size, a head index out of range).  The
+  transport sets ``DEVICE_NEEDS_RESET`` and stops using the device until the driver resets it.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import ClassVar
+
+from pyrovm.memory import GuestMemory, GuestMemoryError
+
+# Descriptor flags (§2.7.5)
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+# Ring flags
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
+
+DESC_SIZE = 16
+#: Largest queue size a split virtqueue can have (§2.7: "Queue Size ... maximum 32768").
+MAX_QUEUE_SIZE = 32768
+#: Largest indirect table: ``next`` is a u16, so more entries could never be reached.
+MAX_INDIRECT_ENTRIES = 65536
+
+_DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
+
+
+# -- errors ---------------------------------------------------------------------------------------------
+class VirtqueueError(Exception):
+    """Something the driver put in a virtqueue is invalid."""
+
+    #: True when the queue as a whole is unusable (the transport must set DEVICE_NEEDS_RESET).
+    fatal: ClassVar[bool] = False
+
+
+class QueueBrokenError(VirtqueueError):
+    """The queue itself is unusable until the driver resets the device."""
+
+    fatal = True
+
+
+class QueueConfigError(QueueBrokenError):
+    """Bad queue size or ring addresses (not a power of two, over the max, outside RAM, misaligned)."""
+
+
+class AvailIndexError(QueueBrokenError):
+    """The avail index moved by more than the queue size since the device last looked."""
+
+
+class HeadIndexError(QueueBrokenError):
+    """The avail ring names a head descriptor index outside the descriptor table."""
+
+
+class ChainError(VirtqueueError):
+    """One descriptor chain is malformed; it has been consumed and should be completed with an error."""
+
+    def __init__(self, head: int, message: str) -> None:
+        super().__init__(f"descriptor chain {head}: {message}")
+        self.head = head
+
+
+class DescriptorOutOfRangeError(ChainError):
+    """A buffer (or an indirect table) is not inside guest RAM."""
+
+
+class DescriptorIndexError(ChainError):
+    """A ``next`` field points past the end of the descriptor table."""
+
+
+class ChainLoopError(ChainError):
+    """The chain has more descriptors than its table: it loops or is too long."""
+
+
+class ChainOrderError(ChainError):
+    """A device-readable descriptor follows a device-writable one."""
+
+
+class IndirectError(ChainError):
+    """An indirect descriptor that is not allowed here or malformed."""
+
+
+class NestedIndirectError(IndirectError):
+    """An indirect table contains another indirect descriptor."""
+
+
+class IndirectLengthError(IndirectError):
+    """The indirect table length is zero, not a multiple of 16, or too large."""
+
+
+class BufferDirectionError(ChainError):
+    """A writable buffer where a readable one belongs, or the reverse (raised by devices)."""
+
+
+# -- state ----------------------------------------------------------------------------------------------
+@dataclass
+class QueueState:
+    """Driver-visible registers and device progress of one queue: plain data, for snapshots."""
+
+    max_size: int
+    size: int = 0
+    ready: bool = False
+    desc_addr: int = 0
+    avail_addr: int = 0
+    used_addr: int = 0
+    next_avail: int = 0
+    next_used: int = 0
+    #: ``next_used`` when the device last decided whether to interrupt (None: never).
+    signalled_used: int | None = None
+
+    def reset(self) -> None:
+        """Back to the values after a device reset (keeps ``max_size``)."""
+        self.size = self.max_size
+        self.ready = False
+        self.desc_addr = self.avail_addr = self.used_addr = 0
+        self.next_avail = self.next_used = 0
+        self.signalled_used = None
+
+
+# -- chains ---------------------------------------------------------------------------------------------
+class DescriptorChain:
+    """One request: its head index and its device-readable then device-writable buffers ``(gpa, len)``."""
+
+    __slots__ = ("head", "memory", "readable", "writable")
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        head: int,
+        readable: list[tuple[int, int]],
+        writable: list[tuple[int, int]],
+    ) -> None:
+        self.memory = memory
+        self.head = head
+        self.readable = readable
+        self.writable = writable
+
+    def __repr__(self) -> str:
+        return f"DescriptorChain(head={self.head}, readable={self.readable}, writable={self.writable})"
+
+    @property
+    def readable_len(self) -> int:
+        return sum(n for _, n in self.readable)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(n for _, n in self.writable)
+
+    def readable_views(self) -> list[memoryview]:
+        """Zero-copy views of the device-readable buffers, in order."""
+        view = self.memory.view
+        return [view(gpa, n) for gpa, n in self.readable]
+
+    def writable_views(self) -> list[memoryview]:
+        """Zero-copy views of the device-writable buffers, in order."""
+        view = self.memory.view
+        return [view(gpa, n) for gpa, n in self.writable]
+
+    def read_prefix(self, length: int) -> bytes | memoryview:
+        """The first *length* readable bytes (a view when they lie in one buffer); shorter if the chain is."""
+        if self.readable and self.readable[0][1] >= length:
+            return self.memory.view(self.readable[0][0], length)
+        out = bytearray()
+        for gpa, n in self.readable:
+            take = min(n, length - len(out))
+            out += self.memory.view(gpa, take)
+            if len(out) == length:
+                break
+        return bytes(out)
+
+    def write_to_writable(self, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
+        """Copy *data* into the writable buffers starting *offset* bytes in; returns the bytes written."""
+        src = memoryview(data).cast("B")
+        done = 0
+        for gpa, n in self.writable:
+            if offset >= n:
+                offset -= n
+                continue
+            take = min(n - offset, len(src) - done)
+            if take <= 0:
+                break
+            self.memory.view(gpa + offset, take)[:] = src[done : done + take]
+            done += take
+            offset = 0
+        return done
+
+
+def split_views(views: list[memoryview], length: int) -> tuple[list[memoryview], list[memoryview]]:
+    """Cut a scatter list after *length* bytes: ``(first, rest)``; *first* is shorter if the list is."""
+    first: list[memoryview] = []
+    for i, v in enumerate(views):
+        n = v.nbytes
+        if length >= n:
+            first.append(v)
+            length -= n
+            if length == 0:
+                return first, views[i + 1 :]
+            continue
+        if length:
+            first.append(v[:length])
+        return first, [v[length:], *views[i + 1 :]]
+    return first, []
+
+
+def trim_views(views: list[memoryview], length: int) -> tuple[list[memoryview], list[memoryview]]:
+    """Cut a scatter list *length* bytes before its end: ``(head, last_bytes)``."""
+    total = sum(v.nbytes for v in views)
+    return split_views(views, max(total - length, 0))
+
+
+# -- the queue --------------------------------------------------------------------------------------------
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+class SplitQueue:
+    """A split virtqueue living in guest memory."""
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        state: QueueState,
+        *,
+        event_idx: bool = False,
+        indirect: bool = False,
+    ) -> None:
+        """Check the driver's configuration in *state* and map the rings; raises :class:`QueueConfigError`."""
+        size = state.size
+        if not _is_pow2(size) or size > min(state.max_size, MAX_QUEUE_SIZE):
+            raise QueueConfigError(
+                f"queue size {size} is not a power of two between 1 and {min(state.max_size, MAX_QUEUE_SIZE)}"
+            )
+        extra = 2 if event_idx else 0
+        areas = (
+            ("descriptor table", state.desc_addr, DESC_SIZE * size, 16),
+            ("driver area (avail ring)", state.avail_addr, 4 + 2 * size + extra, 2),
+            ("device area (used ring)", state.used_addr, 4 + 8 * size + extra, 4),
+        )
+        views: list[memoryview] = []
+        for name, addr, length, align in areas:
+            if addr % align:
+                raise QueueConfigError(f"{name} at {addr:#x} is not {align}-byte aligned")
+            try:
+                views.append(memory.view(addr, length))
+            except GuestMemoryError as e:
+                raise QueueConfigError(f"{name} {addr:#x}+{length:#x} is outside guest RAM") from e
+        self.memory = memory
+        self.state = state
+        self.size = size
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self._desc, self._avail, self._used = views
+        self._used_event_off = 4 + 2 * size
+        self._avail_event_off = 4 + 8 * size
+
+    # -- driver -> device ---------------------------------------------------------------------------
+    def avail_idx(self) -> int:
+        """The driver's avail index (free-running u16)."""
+        return _U16.unpack_from(self._avail, 2)[0]
+
+    def pending(self) -> int:
+        """How many chains are available and not yet popped.  Raises :class:`AvailIndexError`."""
+        n = (self.avail_idx() - self.state.next_avail) & 0xFFFF
+        if n > self.size:
+            raise AvailIndexError(
+                f"avail index {self.avail_idx()} is {n} ahead of the device ({self.state.next_avail}), "
+                f"more than the queue size {self.size}"
+            )
+        return n
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available chain, or None.  Raises :class:`ChainError` (chain consumed) or fatal errors."""
+        if not self.pending():
+            return None
+        st = self.state
+        head = _U16.unpack_from(self._avail, 4 + 2 * (st.next_avail % self.size))[0]
+        if head >= self.size:
+            raise HeadIndexError(f"avail ring entry names descriptor {head}, queue size is {self.size}")
+        st.next_avail = (st.next_avail + 1) & 0xFFFF
+        readable: list[tuple[int, int]] = []
+        writable: list[tuple[int, int]] = []
+        self._walk(head, readable, writable)
+        return DescriptorChain(self.memory, head, readable, writable)
+
+    def undo_pop(self) -> None:
+        """Give back the last popped chain: the next :meth:`pop` returns it again."""
+        self.state.next_avail = (self.state.next_avail - 1) & 0xFFFF
+
+    def _walk(self, head: int, readable: list[tuple[int, int]], writable: list[tuple[int, int]]) -> None:
+        memory = self.memory
+        table = self._desc
+        table_size = self.size
+        ttl = self.size
+        index = head
+        in_indirect = False
+        unpack = _DESC.unpack_from
+        while True:
+            if ttl == 0:
+                raise ChainLoopError(head, f"more than {table_size} descriptors: the chain loops")
+            ttl -= 1
+            addr, length, flags, nxt = unpack(table, index * DESC_SIZE)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if in_indirect:
+                    raise NestedIndirectError(head, "indirect descriptor inside an indirect table")
+                if not self.indirect:
+                    raise IndirectError(head, "indirect descriptor but VIRTIO_F_INDIRECT_DESC not negotiated")
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise IndirectError(head, "indirect descriptor with the NEXT flag")
+                if length == 0 or length % DESC_SIZE or length > MAX_INDIRECT_ENTRIES * DESC_SIZE:
+                    raise IndirectLengthError(head, f"indirect table length {length} is invalid")
+                try:
+                    table = memory.view(addr, length)
+                except GuestMemoryError:
+                    raise DescriptorOutOfRangeError(
+                        head, f"indirect table {addr:#x}+{length:#x} outside guest RAM"
+                    ) from None
+                table_size = ttl = length // DESC_SIZE
+                index = 0
+                in_indirect = True
+                continue
+            if not memory.contains(addr, length):
+                raise DescriptorOutOfRangeError(head, f"buffer {addr:#x}+{length:#x} outside guest RAM")
+            if flags & VIRTQ_DESC_F_WRITE:
+                writable.append((addr, length))
+            elif writable:
+                raise ChainOrderError(head, "device-readable descriptor after a device-writable one")
+            else:
+                readable.append((addr, length))
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return
+            if nxt >= table_size:
+                raise DescriptorIndexError(head, f"next index {nxt} outside a table of {table_size}")
+            index = nxt
+
+    # -- device -> driver ---------------------------------------------------------------------------
+    def add_used(self, head: int, written_len: int) -> None:
+        """Return chain *head* to the driver with *written_len* bytes written into its writable buffers."""
+        if not 0 <= head < self.size:
+            raise ValueError(f"head {head} outside queue of size {self.size}")
+        st = self.state
+        _USED_ELEM.pack_into(self._used, 4 + 8 * (st.next_used % self.size), head, written_len & 0xFFFFFFFF)
+        st.next_used = (st.next_used + 1) & 0xFFFF
+        # The element is written before the index that publishes it (x86 stores are not reordered).
+        _U16.pack_into(self._used, 2, st.next_used)
+
+    def needs_notification(self) -> bool:
+        """Whether the driver wants an interrupt for the used buffers added since the last call."""
+        st = self.state
+        new = st.next_used
+        old = st.signalled_used
+        st.signalled_used = new
+        if old == new:
+            return False
+        if not self.event_idx:
+            return not _U16.unpack_from(self._avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+        if old is None:
+            return True
+        used_event = _U16.unpack_from(self._avail, self._used_event_off)[0]
+        # vring_need_event(): notify when used_event lies in [old, new)
+        return (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
+
+    def disable_notification(self) -> None:
+        """Ask the driver not to kick while the device is busy draining the queue."""
+        if not self.event_idx:
+            _U16.pack_into(self._used, 0, VIRTQ_USED_F_NO_NOTIFY)
+
+    def enable_notification(self) -> bool:
+        """Ask for kicks again; True when more chains arrived meanwhile (drain again before sleeping)."""
+        if self.event_idx:
+            _U16.pack_into(self._used, self._avail_event_off, self.state.next_avail)
+        else:
+            _U16.pack_into(self._used, 0, 0)
+        return self.avail_idx() != self.state.next_avail
+
+    def used_flags(self) -> int:
+        return _U16.unpack_from(self._used, 0)[0]
+
+    def avail_event(self) -> int:
+        """The avail_event field the device publishes (EVENT_IDX only)."""
+        return _U16.unpack_from(self._used, self._avail_event_off)[0]
+
+    def release(self) -> None:
+        """Drop the views of guest memory (after reset)."""
+        for v in (self._desc, self._avail, self._used):
+            v.release()

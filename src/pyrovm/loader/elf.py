@@ -1,0 +1,89 @@
+"""ELF64 kernels (a Linux ``vmlinux``, the test guest): ``PT_LOAD`` segments at their physical addresses,
+the 64-bit entry (``e_entry``) and, when present, the PVH 32-bit entry from the Xen ELF note."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from pyrovm.memory import GuestMemory, GuestMemoryError
+
+ELF_MAGIC = b"\x7fELF"
+ELFCLASS64 = 2
+ELFDATA2LSB = 1
+EM_X86_64 = 62
+PT_LOAD = 1
+PT_NOTE = 4
+XEN_ELFNOTE_PHYS32_ENTRY = 18
+
+_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
+_PHDR = struct.Struct("<IIQQQQQQ")
+_NHDR = struct.Struct("<III")
+
+
+class KernelLoadError(ValueError):
+    """The file is not a kernel pyrovm can load, or it does not fit in guest memory."""
+
+
+@dataclass(frozen=True)
+class ElfKernel:
+    entry64: int  # e_entry: the 64-bit entry (Linux boot protocol: RSI = zero page)
+    pvh_entry: int | None  # 32-bit PVH entry from the Xen note, if any
+    load_start: int
+    load_end: int  # first byte past the highest loaded segment (memsz included)
+
+
+def is_elf(data: bytes) -> bool:
+    return data[:4] == ELF_MAGIC
+
+
+def _pvh_note(data: bytes, off: int, size: int) -> int | None:
+    end = off + size
+    while off + _NHDR.size <= end:
+        namesz, descsz, ntype = _NHDR.unpack_from(data, off)
+        off += _NHDR.size
+        name = data[off : off + namesz].rstrip(b"\0")
+        off += (namesz + 3) & ~3
+        desc = data[off : off + descsz]
+        off += (descsz + 3) & ~3
+        if name == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY and len(desc) >= 4:
+            return int.from_bytes(desc[: 8 if descsz >= 8 else 4], "little") & 0xFFFFFFFF
+    return None
+
+
+def load_elf(mem: GuestMemory, data: bytes, name: str = "kernel") -> ElfKernel:
+    """Copy the ``PT_LOAD`` segments of ELF *data* into guest memory."""
+    if len(data) < _EHDR.size or not is_elf(data):
+        raise KernelLoadError(f"{name}: not an ELF file")
+    ident, _etype, machine, _ver, entry, phoff, _sh, _fl, _ehsz, phentsize, phnum, *_ = _EHDR.unpack_from(data)
+    if ident[4] != ELFCLASS64 or ident[5] != ELFDATA2LSB:
+        raise KernelLoadError(f"{name}: not a little-endian 64-bit ELF")
+    if machine != EM_X86_64:
+        raise KernelLoadError(f"{name}: ELF for machine {machine}, not x86-64")
+    if phentsize != _PHDR.size or phoff + phnum * phentsize > len(data) or phnum == 0:
+        raise KernelLoadError(f"{name}: truncated or malformed ELF program headers")
+    pvh: int | None = None
+    lo, hi = None, 0
+    for i in range(phnum):
+        ptype, _flags, off, _vaddr, paddr, filesz, memsz, _align = _PHDR.unpack_from(data, phoff + i * phentsize)
+        if ptype == PT_NOTE:
+            if off + filesz > len(data):
+                raise KernelLoadError(f"{name}: truncated ELF note segment")
+            pvh = _pvh_note(data, off, filesz) if pvh is None else pvh
+        if ptype != PT_LOAD or memsz == 0:
+            continue
+        if off + filesz > len(data) or filesz > memsz:
+            raise KernelLoadError(f"{name}: truncated (segment {i} runs past the end of the file)")
+        try:
+            mem.write(paddr, memoryview(data)[off : off + filesz])
+            if memsz > filesz:
+                mem.fill(paddr + filesz, memsz - filesz)
+        except GuestMemoryError:
+            raise KernelLoadError(
+                f"{name}: segment at {paddr:#x}+{memsz:#x} does not fit in guest memory (more memory?)"
+            ) from None
+        lo = paddr if lo is None else min(lo, paddr)
+        hi = max(hi, paddr + memsz)
+    if lo is None:
+        raise KernelLoadError(f"{name}: ELF has no loadable segments")
+    return ElfKernel(entry64=entry, pvh_entry=pvh, load_start=lo, load_end=hi)
