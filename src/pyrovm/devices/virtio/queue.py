@@ -270,6 +270,7 @@ class SplitQueue:
         self._desc, self._avail, self._used = views
         self._used_event_off = 4 + 2 * size
         self._avail_event_off = 4 + 8 * size
+        self._added = 0  # used entries added since the last needs_notification()
 
     # -- driver -> device ---------------------------------------------------------------------------
     def avail_idx(self) -> int:
@@ -358,6 +359,7 @@ class SplitQueue:
         st = self.state
         _USED_ELEM.pack_into(self._used, 4 + 8 * (st.next_used % self.size), head, written_len & 0xFFFFFFFF)
         st.next_used = (st.next_used + 1) & 0xFFFF
+        self._added += 1
         # The element is written before the index that publishes it (x86 stores are not reordered).
         _U16.pack_into(self._used, 2, st.next_used)
 
@@ -367,8 +369,9 @@ class SplitQueue:
         new = st.next_used
         old = st.signalled_used
         st.signalled_used = new
-        if old == new:
+        if not self._added:
             return False
+        self._added = 0
         if not self.event_idx:
             return not _U16.unpack_from(self._avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
         if old is None:
