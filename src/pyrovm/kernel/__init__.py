@@ -1,5 +1,18 @@
-"""Guest kernel tooling: build a minimal microVM Linux kernel (see :mod:`pyrovm.kernel.build`)."""
+"""Guest kernel tooling: build a minimal microVM Linux kernel (see :mod:`pyrovm.kernel.build`).
 
-from pyrovm.kernel.build import KernelBuildError, build_kernel, cache_root, register
+The names below are loaded lazily so that ``python -m pyrovm.kernel.build`` runs cleanly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["KernelBuildError", "build_kernel", "cache_root", "register"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from pyrovm.kernel import build
+
+        return getattr(build, name)
+    raise AttributeError(f"module 'pyrovm.kernel' has no attribute {name!r}")

@@ -431,8 +431,7 @@ def build_kernel(
     bzimage = final / "bzImage"
     if output is not None:
         output = output.expanduser()
-        if output.parent != Path(""):
-            output.parent.mkdir(parents=True, exist_ok=True)
+        output.parent.mkdir(parents=True, exist_ok=True)
         _copy_atomic(bzimage, output)
         _copy_atomic(final / "vmlinux", output.with_name(output.name + ".vmlinux"))
         log("output", f"copied bzImage to {output} and vmlinux to {output}.vmlinux")
@@ -527,7 +526,13 @@ def _build_into(src: _Source, fragments: list[tuple[str, str]], patches: tuple[S
                 log("store", f"{final} appeared meanwhile; keeping it")
                 return
             shutil.rmtree(final)
-        os.rename(staging, final)
+        try:
+            os.rename(staging, final)
+        except OSError:
+            if not all((final / name).is_file() for name in CACHED_FILES):
+                raise
+            log("store", f"{final} appeared meanwhile; keeping it")
+            return
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
