@@ -1,0 +1,162 @@
+"""The ``pyrovm`` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from . import __version__
+
+_START = time.monotonic()
+
+EPILOG_RUN = """\
+exit status:
+  0      the guest stopped cleanly (reset through the i8042 as with Linux reboot=k, power-off, halt)
+  odd    the guest wrote V to the exit port 0xf4: status (V << 1) | 1, as QEMU's isa-debug-exit
+  2      bad input (missing kernel, bad size, no /dev/kvm, ...)
+  4      the guest crashed (triple fault, KVM internal error) or pyrovm failed
+  6      the guest kernel panicked
+  124    --timeout ran out
+  130    interrupted (Ctrl-C)
+
+examples:
+  pyrovm run --kernel "$(pyrovm guest build | tail -1)" --cmdline test=hello
+  pyrovm run --kernel bzImage --initrd initramfs.cpio --cpus 2 --memory 512M
+"""
+
+
+def _fail(message: str) -> int:
+    print(f"pyrovm: {message}", file=sys.stderr)
+    return 2
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .kvm import KvmCapabilityError, KvmError, KvmUnavailable
+    from .loader import KernelLoadError
+    from .vmm import VM, ConfigError, ExitCode, ExitReason
+
+    try:
+        vm = VM(
+            kernel=args.kernel,
+            memory=args.memory,
+            cpus=args.cpus,
+            cmdline=args.cmdline,
+            initrd=args.initrd,
+            console=args.console,
+            boot=args.boot,
+        )
+    except (ConfigError, KernelLoadError, KvmUnavailable, KvmCapabilityError) as exc:
+        return _fail(str(exc))
+    except KvmError as exc:
+        return _fail(f"KVM refused to build the VM: {exc}")
+    try:
+        vm.start()
+        result = vm.wait(args.timeout)
+    except KeyboardInterrupt:
+        vm.stop(ExitReason.STOPPED, "interrupted")
+        vm.close()
+        return ExitCode.INTERRUPTED
+    vm.close()
+    if args.console == "stdio" and not vm.console.data.endswith(b"\n") and vm.console.data:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    if result.reason not in (ExitReason.EXIT_PORT, ExitReason.RESET, ExitReason.POWEROFF, ExitReason.STOPPED):
+        print(f"pyrovm: {result.describe()}", file=sys.stderr)
+    elif args.verbose:
+        print(f"pyrovm: {result.describe()}", file=sys.stderr)
+    return result.exit_code
+
+
+def _cmd_guest_build(args: argparse.Namespace) -> int:
+    from . import testguest
+
+    try:
+        path = testguest.build(force=args.force)
+    except RuntimeError as exc:
+        return _fail(str(exc))
+    print(path)
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import run_doctor
+
+    return run_doctor()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyrovm",
+        description="pyrovm: a virtual machine monitor in Python on Linux KVM.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"pyrovm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    run = sub.add_parser(
+        "run",
+        help="boot a kernel in a new VM",
+        description="Boot a kernel (Linux bzImage or vmlinux, or any ELF with a PVH note or a 64-bit "
+        "entry) in a new VM and show its serial console.",
+        epilog=EPILOG_RUN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("--kernel", required=True, metavar="PATH", help="kernel image to boot")
+    run.add_argument("--memory", "-m", default="128M", metavar="SIZE",
+                     help="guest RAM, e.g. 128M, 1G (a bare number is MiB; default 128M)")
+    run.add_argument("--cpus", type=int, default=1, metavar="N", help="number of vCPUs (default 1)")
+    run.add_argument("--cmdline", default=None, metavar="STR",
+                     help="kernel command line (default: 'console=ttyS0 reboot=k panic=-1')")
+    run.add_argument("--initrd", default=None, metavar="PATH", help="initial ramdisk (initramfs cpio)")
+    run.add_argument("--console", default="stdio", metavar="stdio|none|file:PATH",
+                     help="where the serial console goes (default stdio); it is also kept in memory")
+    run.add_argument("--timeout", type=float, default=None, metavar="S",
+                     help="stop the VM after S seconds (exit status 124)")
+    run.add_argument("--boot", choices=("auto", "pvh", "linux64"), default="auto",
+                     help="entry for ELF kernels: the PVH 32-bit entry or the 64-bit Linux boot protocol "
+                     "(default: PVH when the ELF has the note)")
+    run.add_argument("--verbose", "-v", action="store_true", help="report how the VM ended on stderr")
+    run.set_defaults(func=_cmd_run)
+
+    guest = sub.add_parser("guest", help="the project's test guest",
+                           description="Build the test guest (a small C + asm PVH kernel used by the tests "
+                           "and benchmarks).")
+    guest_sub = guest.add_subparsers(dest="guest_command", metavar="ACTION")
+    guest_sub.required = True
+    gb = guest_sub.add_parser("build", help="build the test guest if needed and print its path (last line)")
+    gb.add_argument("--force", action="store_true", help="rebuild even when a cached build exists")
+    gb.set_defaults(func=_cmd_guest_build)
+
+    doctor = sub.add_parser("doctor", help="check that this host can run VMs",
+                            description="Check /dev/kvm, the KVM API and capabilities, PVM or hardware "
+                            "virtualization, then boot the test guest and time an exit round trip.")
+    doctor.set_defaults(func=_cmd_doctor)
+
+    from . import disk, initramfs
+    from .kernel import build as kernel_build
+
+    kernel_build.register(sub)
+    initramfs.register(sub)
+    disk.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # stdout closed early (e.g. piped into head)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
