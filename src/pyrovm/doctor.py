@@ -35,8 +35,9 @@ def virtualization_kind() -> str:
     return "unknown (no vmx/svm CPU flag, no kvm_pvm module)"
 
 
-def run_doctor(kvm_path: str = "/dev/kvm") -> int:
+def run_doctor(kvm_path: str | None = None) -> int:
     """Print one line per check; 0 only when a VM really ran."""
+    kvm_path = kvm_path or os.environ.get("PYROVM_KVM_DEVICE") or "/dev/kvm"
     path = Path(kvm_path)
     if not path.exists():
         _line(False, f"{kvm_path} does not exist: load kvm_intel/kvm_amd or enable nested virtualization")

@@ -65,7 +65,9 @@ def is_pvm_host() -> bool:
 class Kvm:
     """The KVM system file descriptor."""
 
-    def __init__(self, path: str = "/dev/kvm") -> None:
+    def __init__(self, path: str | None = None) -> None:
+        """Open *path*, by default ``$PYROVM_KVM_DEVICE`` or ``/dev/kvm``."""
+        path = path or os.environ.get("PYROVM_KVM_DEVICE") or "/dev/kvm"
         self.path = path
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -81,7 +83,11 @@ class Kvm:
             ) from None
         except OSError as exc:
             raise KvmUnavailable(f"cannot open {path}: {exc.strerror}") from None
-        version = _ioctl(self.fd, c.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
+        try:
+            version = _ioctl(self.fd, c.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
+        except KvmError:
+            os.close(self.fd)
+            raise KvmUnavailable(f"{path} is not a KVM device (KVM_GET_API_VERSION failed)") from None
         if version != 12:
             os.close(self.fd)
             raise KvmUnavailable(f"{path}: KVM API version {version}, pyrovm needs 12")

@@ -1,0 +1,127 @@
+"""The UART, i8042 and exit port driven through their registers, without a guest."""
+
+from __future__ import annotations
+
+from pyrovm.devices import serial as s
+from pyrovm.devices.debug_exit import DebugExit
+from pyrovm.devices.i8042 import I8042
+
+
+class Uart:
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.levels: list[bool] = []
+        self.dev = s.Serial(out=self.out.extend, irq=self.levels.append)
+
+    def w(self, reg: int, value: int) -> None:
+        self.dev.write(reg, bytes([value]))
+
+    def r(self, reg: int) -> int:
+        return self.dev.read(reg, 1)[0]
+
+
+def test_transmit_and_lsr() -> None:
+    u = Uart()
+    for ch in b"ok\n":
+        assert u.r(s.LSR) & s.LSR_THRE
+        u.w(s.RBR_THR_DLL, ch)
+    assert bytes(u.out) == b"ok\n"
+    assert u.r(s.LSR) & (s.LSR_THRE | s.LSR_TEMT) == s.LSR_THRE | s.LSR_TEMT
+    assert u.dev.state.tx_bytes == 3
+
+
+def test_dlab_divisor_latch_and_scratch() -> None:
+    u = Uart()
+    u.w(s.LCR, 0x80 | 0x03)
+    u.w(s.RBR_THR_DLL, 0x01)
+    u.w(s.IER_DLM, 0x00)
+    assert (u.r(s.RBR_THR_DLL), u.r(s.IER_DLM)) == (0x01, 0x00)
+    assert u.out == b""  # a DLL write is not output
+    u.w(s.LCR, 0x03)
+    assert u.r(s.IER_DLM) == 0  # IER untouched by the DLM write
+    assert u.dev.state.dll == 1
+    u.w(s.SCR, 0x5A)
+    assert u.r(s.SCR) == 0x5A
+
+
+def test_thre_interrupt_raised_and_cleared_by_iir_read() -> None:
+    u = Uart()
+    assert u.r(s.IIR_FCR) & 0x0F == s.IIR_NONE
+    u.w(s.IER_DLM, s.IER_THRE)  # enabling THRE with an empty THR raises it
+    assert u.levels == [True]
+    assert u.r(s.IIR_FCR) & 0x0F == s.IIR_THRE
+    assert u.levels == [True, False]  # the IIR read that reported THRE cleared it
+    assert u.r(s.IIR_FCR) & 0x0F == s.IIR_NONE
+    u.w(s.RBR_THR_DLL, ord("x"))
+    assert u.levels == [True, False, True]
+    u.w(s.IER_DLM, 0)
+    assert u.levels[-1] is False
+
+
+def test_fifo_bits_in_iir() -> None:
+    u = Uart()
+    u.w(s.IIR_FCR, 0x07)
+    assert u.r(s.IIR_FCR) & 0xC0 == 0xC0  # 16550A: FIFOs enabled
+    u.w(s.IIR_FCR, 0x00)
+    assert u.r(s.IIR_FCR) & 0xC0 == 0
+
+
+def test_receive_sets_dr_and_rda_interrupt() -> None:
+    u = Uart()
+    u.w(s.IER_DLM, s.IER_RDA)
+    assert not u.r(s.LSR) & s.LSR_DR
+    u.dev.receive(b"ab")
+    assert u.levels == [True]
+    assert u.r(s.LSR) & s.LSR_DR
+    assert u.r(s.IIR_FCR) & 0x0F == s.IIR_RDA
+    assert u.r(s.RBR_THR_DLL) == ord("a")
+    assert u.r(s.RBR_THR_DLL) == ord("b")
+    assert not u.r(s.LSR) & s.LSR_DR
+    assert u.levels == [True, False]
+
+
+def test_mcr_loopback() -> None:
+    u = Uart()
+    u.w(s.MCR, s.MCR_LOOP | s.MCR_OUT2 | s.MCR_RTS)
+    assert u.r(s.MSR) & 0xF0 == s.MSR_DCD | s.MSR_CTS  # the probe Linux's 8250 driver does
+    u.w(s.MCR, s.MCR_LOOP | s.MCR_DTR | s.MCR_OUT1)
+    assert u.r(s.MSR) & 0xF0 == s.MSR_DSR | s.MSR_RI
+    u.w(s.RBR_THR_DLL, 0x42)  # looped back, not sent
+    assert u.out == b""
+    assert u.r(s.LSR) & s.LSR_DR
+    assert u.r(s.RBR_THR_DLL) == 0x42
+    u.w(s.MCR, s.MCR_OUT2)
+    assert u.r(s.MSR) & 0xF0 == s.MSR_DCD | s.MSR_DSR | s.MSR_CTS
+
+
+def test_rx_overrun() -> None:
+    u = Uart()
+    u.dev.receive(b"x" * (s.RX_BUFFER_LIMIT + 10))
+    assert u.dev.rx_pending == s.RX_BUFFER_LIMIT
+    assert u.r(s.LSR) & s.LSR_OE
+    assert not u.r(s.LSR) & s.LSR_OE  # cleared by the read
+    assert u.dev.state.rx_overruns == 10
+
+
+def test_i8042_reset_and_probe() -> None:
+    resets: list[int] = []
+    kbd = I8042(on_reset=lambda: resets.append(1))
+    kbd.write(4, b"\xaa")
+    assert kbd.read(4, 1)[0] & 1
+    assert kbd.read(0, 1) == b"\x55"
+    kbd.write(4, b"\x20")
+    ctr = kbd.read(0, 1)[0]
+    kbd.write(4, b"\x60")
+    kbd.write(0, bytes([ctr & ~1]))
+    kbd.write(4, b"\x20")
+    assert kbd.read(0, 1)[0] == ctr & ~1
+    assert resets == []
+    kbd.write(4, b"\xfe")
+    assert resets == [1]
+
+
+def test_debug_exit() -> None:
+    got: list[int] = []
+    dev = DebugExit(got.append)
+    dev.write(0, (5).to_bytes(4, "little"))
+    assert got == [5]

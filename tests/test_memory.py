@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import pytest
+
+from pyrovm.memory import GuestMemory, GuestMemoryError
+
+
+def test_read_write_integers_and_bytes() -> None:
+    mem = GuestMemory.anonymous(1 << 20)
+    mem.write(0x1000, b"hello")
+    assert mem.read(0x1000, 5) == b"hello"
+    mem.write_u8(0x10, 0xAB)
+    mem.write_u16(0x20, 0xBEEF)
+    mem.write_u32(0x30, 0xDEADBEEF)
+    mem.write_u64(0x40, 0x0123456789ABCDEF)
+    assert (mem.read_u8(0x10), mem.read_u16(0x20), mem.read_u32(0x30)) == (0xAB, 0xBEEF, 0xDEADBEEF)
+    assert mem.read_u64(0x40) == 0x0123456789ABCDEF
+    assert mem.read(0x40, 8) == bytes.fromhex("efcdab8967452301")  # little-endian
+
+
+def test_view_is_zero_copy() -> None:
+    mem = GuestMemory.anonymous(1 << 20)
+    view = mem.view(0x2000, 16)
+    view[0:4] = b"abcd"
+    assert mem.read(0x2000, 4) == b"abcd"
+    mem.write(0x2004, b"efgh")
+    assert bytes(view[4:8]) == b"efgh"
+
+
+@pytest.mark.parametrize(
+    ("addr", "length"),
+    [(1 << 20, 1), ((1 << 20) - 4, 8), (-1, 1), (0x3000_0000, 4)],
+)
+def test_out_of_bounds_raises(addr: int, length: int) -> None:
+    mem = GuestMemory.anonymous(1 << 20)
+    with pytest.raises(GuestMemoryError, match="outside guest RAM"):
+        mem.read(addr, length)
+    with pytest.raises(GuestMemoryError):
+        mem.write(addr, b"x" * length)
+    with pytest.raises(GuestMemoryError):
+        mem.view(addr, length)
+
+
+def test_two_regions_and_the_hole_between() -> None:
+    mem = GuestMemory([(0, 0x10000), (0x100000, 0x10000)])
+    assert mem.size == 0x20000
+    mem.write_u32(0x100000, 7)
+    assert mem.read_u32(0x100000) == 7
+    assert not mem.contains(0x20000)
+    with pytest.raises(GuestMemoryError):
+        mem.read(0xFFFC, 8)  # straddles the end of the first region
+    with pytest.raises(GuestMemoryError):
+        mem.write_u8(0x50000, 1)  # in the hole
+    assert mem.host_address(0x100000) == mem.regions[1].host_addr
+
+
+def test_bad_layouts() -> None:
+    with pytest.raises(GuestMemoryError):
+        GuestMemory([(0, 100)])
+    with pytest.raises(GuestMemoryError):
+        GuestMemory([(0, 0x2000), (0x1000, 0x1000)])
+    with pytest.raises(GuestMemoryError):
+        GuestMemory([])
+
+
+def test_cstring() -> None:
+    mem = GuestMemory.anonymous(0x10000)
+    mem.write(0x100, b"console=ttyS0\0junk")
+    assert mem.read_cstring(0x100) == b"console=ttyS0"
+    mem.fill(0x200, 0x100, 0x41)
+    with pytest.raises(GuestMemoryError):
+        mem.read_cstring(0x200, 0x80)
+
+
+def test_file_backed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "ram"
+    path.write_bytes(bytes(0x2000))
+    mem = GuestMemory.from_file(path, [(0, 0x2000)])
+    mem.write(0x1000, b"persist")
+    mem.regions[0].mm.flush()
+    assert path.read_bytes()[0x1000:0x1007] == b"persist"
