@@ -191,7 +191,7 @@ class VM:
         initrd: str | os.PathLike[str] | None = None,
         console: str | BinaryIO | None = None,
         boot: str = "auto",
-        kvm_path: str = "/dev/kvm",
+        kvm_path: str | None = None,
         cpu_vendor: str | None = None,
     ) -> None:
         """Check the configuration and build the VM (nothing runs until :meth:`start`).
@@ -266,7 +266,7 @@ class VM:
         return console
 
     # -- building --------------------------------------------------------------------------------------
-    def _build(self, kvm_path: str) -> None:
+    def _build(self, kvm_path: str | None) -> None:
         cfg = self.config
         self.kvm = k.Kvm(kvm_path)
         try:
