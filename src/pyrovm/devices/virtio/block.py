@@ -60,6 +60,17 @@ DISCARD_SECTOR_ALIGNMENT = 8
 MAX_WRITE_ZEROES_SECTORS = 0x3FFFFF
 MAX_WRITE_ZEROES_SEG = 32
 
+_KNOWN_TYPES = frozenset(
+    {
+        VIRTIO_BLK_T_IN,
+        VIRTIO_BLK_T_OUT,
+        VIRTIO_BLK_T_FLUSH,
+        VIRTIO_BLK_T_GET_ID,
+        VIRTIO_BLK_T_DISCARD,
+        VIRTIO_BLK_T_WRITE_ZEROES,
+    }
+)
+
 REQ_HEADER = struct.Struct("<IIQ")
 DISCARD_SEGMENT = struct.Struct("<QII")
 CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
@@ -263,7 +274,8 @@ class VirtioBlock(VirtioDevice):
         except _Status as s:
             code = s.status
             stats.errors += 1
-            self.log_once(f"status:{code}:{rtype}", "%s: request failed (status %d): %s", self.name, code, s)
+            key = f"status:{code}:{rtype if rtype in _KNOWN_TYPES else -1}"
+            self.log_once(key, "%s: request failed (status %d): %s", self.name, code, s)
         except OSError as e:
             code = VIRTIO_BLK_S_IOERR
             stats.errors += 1

@@ -157,11 +157,11 @@ class VirtioDevice:
         queue.add_used(error.head, 0)
 
     # -- bookkeeping -----------------------------------------------------------------------------------
-    def log_once(self, key: str, msg: str, *args: object) -> None:
+    def log_once(self, key: str, msg: str, *args: object, exc_info: BaseException | None = None) -> None:
         """Log *msg* at warning level the first time *key* happens on this device."""
         if key not in self._logged:
             self._logged.add(key)
-            log.warning(msg + " (further occurrences not logged)", *args)
+            log.warning(msg + " (further occurrences not logged)", *args, exc_info=exc_info)
 
     def metrics(self) -> dict[str, int]:
         """Flat dict: requests, bytes_read, bytes_written, errors, notifications, interrupts."""

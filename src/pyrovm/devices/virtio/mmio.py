@@ -362,9 +362,9 @@ class VirtioMmioTransport:
         if isinstance(error, VirtqueueError):
             self._log_once("needs-reset", "queue broken, device needs reset: %s", error)
         else:
-            if "crash" not in self.device._logged:
-                self.device._logged.add("crash")
-                log.error("%s: device failed, needs reset", self.device.name, exc_info=error)
+            self.device.log_once(
+                "mmio:crash", "%s: device failed, needs reset: %r", self.device.name, error, exc_info=error
+            )
         self.device.stats.errors += 1
         if not self.state.status & STATUS_DEVICE_NEEDS_RESET:
             self.state.status |= STATUS_DEVICE_NEEDS_RESET
@@ -376,10 +376,8 @@ class VirtioMmioTransport:
         self.device.stats.interrupts += 1
         try:
             self.interrupt()
-        except Exception:
-            if "irq" not in self.device._logged:
-                self.device._logged.add("irq")
-                log.exception("%s: raising the interrupt failed", self.device.name)
+        except Exception as e:
+            self.device.log_once("mmio:irq", "%s: raising the interrupt failed: %r", self.device.name, e)
 
     def config_changed(self) -> None:
         """The device configuration changed (e.g. a resized disk): bump ConfigGeneration and interrupt."""
@@ -389,8 +387,9 @@ class VirtioMmioTransport:
 
     def queue_notify(self, index: int) -> None:
         """The driver kicked queue *index* (ioeventfd or a write to QueueNotify)."""
-        self.device.stats.notifications += 1
-        self.process_queue(index)
+        with self._lock:
+            self.device.stats.notifications += 1
+            self.process_queue(index)
 
     def process_queue(self, index: int) -> None:
         """Serve queue *index* and interrupt the driver if it wants to know.  Never raises."""
@@ -399,7 +398,7 @@ class VirtioMmioTransport:
             if not dev.active or self.state.status & (STATUS_DEVICE_NEEDS_RESET | STATUS_FAILED):
                 return
             if not 0 <= index < len(dev.queues) or dev.queues[index] is None:
-                self._log_once(f"notify:{index}", "notification for queue %d, which is not live", index)
+                self._log_once("notify", "notification for queue %d, which is not live", index)
                 return
             try:
                 dev.process(index)
