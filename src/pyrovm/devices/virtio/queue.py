@@ -20,6 +20,7 @@ Everything the guest controls is checked.  Two kinds of errors come out:
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -38,6 +39,19 @@ DESC_SIZE = 16
 MAX_QUEUE_SIZE = 32768
 #: Largest indirect table: ``next`` is a u16, so more entries could never be reached.
 MAX_INDIRECT_ENTRIES = 65536
+
+_FENCE = threading.Lock()
+
+
+def full_barrier() -> None:
+    """A full memory barrier: taking a lock is a locked read-modify-write, which x86 never reorders.
+
+    Needed where the device stores to a ring and then loads something the driver stores (store -> load),
+    which x86 may otherwise reorder and so lose a notification.
+    """
+    with _FENCE:
+        pass
+
 
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
@@ -372,6 +386,7 @@ class SplitQueue:
         if not self._added:
             return False
         self._added = 0
+        full_barrier()  # the used index store must be visible before we read the driver's flags/used_event
         if not self.event_idx:
             return not _U16.unpack_from(self._avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
         if old is None:
@@ -391,6 +406,7 @@ class SplitQueue:
             _U16.pack_into(self._used, self._avail_event_off, self.state.next_avail)
         else:
             _U16.pack_into(self._used, 0, 0)
+        full_barrier()  # publish avail_event / flags before re-reading the avail index
         return self.avail_idx() != self.state.next_avail
 
     def used_flags(self) -> int:
