@@ -141,6 +141,90 @@ void delay_us(uint64_t us);
 int test_cpus(void);
 void ap_main(uint32_t index, uint32_t apic_id);
 
+/* ---- virtio.c: minimal virtio-mmio driver (modern, split virtqueue, polling) ---- */
+#define VIRTIO_ID_NET 1
+#define VIRTIO_ID_BLOCK 2
+#define VIRTIO_ID_CONSOLE 3
+#define VIRTIO_ID_RNG 4
+#define VIRTIO_ID_VSOCK 19
+#define VIRTIO_F_VERSION_1 (1ull << 32)
+#define VIRTIO_MAX_DEVS 32
+#define VQ_MAX 256 /* largest queue we set up (a power of 2) */
+#define VQ_TIMEOUT_MS 30000
+#define VIRTIO_BUF_SIZE (1u << 20)
+
+#define VRING_DESC_F_NEXT 1
+#define VRING_DESC_F_WRITE 2
+#define VRING_AVAIL_F_NO_INTERRUPT 1
+#define VRING_USED_F_NO_NOTIFY 1
+
+struct vring_desc {
+	uint64_t addr;
+	uint32_t len;
+	uint16_t flags;
+	uint16_t next;
+};
+struct vring_avail {
+	uint16_t flags;
+	uint16_t idx;
+	uint16_t ring[VQ_MAX];
+	uint16_t used_event; /* unused: VIRTIO_F_EVENT_IDX is never negotiated */
+};
+struct vring_used_elem {
+	uint32_t id;
+	uint32_t len;
+};
+struct vring_used {
+	uint16_t flags;
+	uint16_t idx;
+	struct vring_used_elem ring[VQ_MAX];
+	uint16_t avail_event;
+};
+
+struct virtio_mmio_loc {
+	uint64_t size, base;
+	uint32_t irq;
+};
+
+struct virtio_dev {
+	uint64_t base, size;
+	uint32_t irq, version, device_id;
+	uint64_t device_features, features; /* offered, negotiated */
+	uint32_t qmax;                     /* QueueNumMax of queue 0 */
+	uint16_t qsize, avail_idx, last_used;
+	struct vring_desc *desc;
+	struct vring_avail *avail;
+	struct vring_used *used;
+};
+
+extern uint8_t virtio_buf[VIRTIO_BUF_SIZE];
+/* Parse the virtio_mmio.device= entries of the command line; returns how many (at most max). */
+int virtio_mmio_locs(struct virtio_mmio_loc *locs, int max);
+int virtio_list(void); /* print every device found; returns the count */
+/* First modern device with this id (0), or -1 after printing why not. */
+int virtio_find(uint32_t device_id, struct virtio_dev *d);
+/* Reset and initialise (VIRTIO_F_VERSION_1 plus the offered part of wanted; queue 0 of at most
+ * max_qsize entries, 0 = VQ_MAX); 0, or -1 after printing why and setting FAILED. */
+int virtio_init(struct virtio_dev *d, uint64_t wanted, uint32_t max_qsize);
+void virtio_reset(struct virtio_dev *d);
+uint32_t virtio_config_read32(const struct virtio_dev *d, uint32_t off);
+uint64_t virtio_config_read64(const struct virtio_dev *d, uint32_t off);
+void vq_set_desc(struct virtio_dev *d, uint16_t i, const void *addr, uint32_t len, uint16_t flags,
+		 uint16_t next);
+void vq_submit(struct virtio_dev *d, uint16_t head); /* add a chain to the avail ring (no notify) */
+void vq_kick(struct virtio_dev *d);                  /* notify queue 0 unless the device said not to */
+bool vq_poll(struct virtio_dev *d, uint32_t *id, uint32_t *len);
+int vq_wait(struct virtio_dev *d, uint32_t *id, uint32_t *len); /* -1 on timeout */
+void virtio_ack(struct virtio_dev *d); /* InterruptACK of whatever InterruptStatus shows */
+
+/* ---- vtests.c ---- */
+int test_virtio(void);
+int test_blk(void);
+int test_blk_ro(void);
+int test_blk_id(void);
+int test_blkbench(void);
+int test_rng(void);
+
 /* ---- main.c ---- */
 /* BSP's APIC id, from CPUID leaf 1 run at CPL0 (see boot.S). */
 extern uint32_t bsp_apic_id;

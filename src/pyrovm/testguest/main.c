@@ -104,6 +104,12 @@ static const struct test tests[] = {
 	{"pio", test_pio},
 	{"mmio", test_mmio},
 	{"echo", test_echo},
+	{"virtio", test_virtio},
+	{"blk", test_blk},
+	{"blk-ro", test_blk_ro},
+	{"blk-id", test_blk_id},
+	{"blkbench", test_blkbench},
+	{"rng", test_rng},
 };
 
 __attribute__((noreturn)) void guest_main(uint64_t kind, uint64_t info, uint32_t apic_id);
