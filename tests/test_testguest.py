@@ -139,8 +139,10 @@ needs_qemu = pytest.mark.skipif(
 )
 
 
-def qemu(guest: Path, cmdline: str, smp: int = 1, stdin: bytes = b"") -> tuple[int, str]:
-    args = testguest.qemu_command(guest, cmdline, smp=smp)
+def qemu(
+    guest: Path, cmdline: str, smp: int = 1, stdin: bytes = b"", extra: list[str] | None = None
+) -> tuple[int, str]:
+    args = testguest.qemu_command(guest, cmdline, smp=smp, extra=extra or [])
     proc = subprocess.run(args, input=stdin, capture_output=True, timeout=120)
     return proc.returncode, proc.stdout.decode(errors="replace")
 
@@ -201,6 +203,177 @@ def test_qemu_echo(guest: Path) -> None:
     rc, out = qemu(guest, "test=echo", stdin=b"hi there\n\x04")
     assert out == "echo ready\nhi there\n\nbye\n"
     assert rc == 1
+
+
+# ---- QEMU: virtio-mmio devices --------------------------------------------------------------------
+
+SECTOR = 512
+DISK_SIZE = 4 << 20
+RNG = ["-device", "virtio-rng-device"]
+
+
+def blk_args(image: Path, readonly: bool = False, serial: str | None = None) -> list[str]:
+    dev = "virtio-blk-device,drive=d0" + (f",serial={serial}" if serial else "")
+    drive = f"id=d0,file={image},format=raw,if=none" + (",readonly=on" if readonly else "")
+    return ["-device", dev, "-drive", drive]
+
+
+def blk_pattern(sectors: int) -> bytes:
+    data = bytearray((k * 7 + i) & 0xFF for k in range(sectors) for i in range(SECTOR))
+    data[:15] = b"pyrovm-blk-test"
+    return bytes(data)
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Path:
+    """A raw image of DISK_SIZE bytes filled with 0xa5 (so that written zeros would show)."""
+    path = tmp_path / "disk.img"
+    path.write_bytes(b"\xa5" * DISK_SIZE)
+    return path
+
+
+def capacity_line(out: str) -> str:
+    return next(line for line in out.splitlines() if line.startswith("blk capacity "))
+
+
+@needs_qemu
+def test_qemu_virtio_list(guest: Path, disk: Path) -> None:
+    rc, out = qemu(guest, "test=virtio", extra=blk_args(disk) + RNG)
+    assert rc == 1, out
+    lines = out.splitlines()
+    assert lines[0].startswith("cmdline: test=virtio virtio_mmio.device=512@0xfeb0")
+    devices = [line for line in lines if line.startswith("virtio-mmio ")]
+    assert len(devices) == 2, out
+    assert all(" magic 0x74726976 version 2 " in line for line in devices), out
+    assert sorted(line.split(" device-id ")[1].split()[0] for line in devices) == ["2", "4"]
+    assert lines[-1] == "virtio devices: 2"
+
+
+@needs_qemu
+def test_qemu_virtio_cmdline_formats(guest: Path) -> None:
+    # microvm's own virtio_mmio.device= words are turned off: only the ones written here count
+    cmdline = (
+        "test=virtio virtio_mmio.device=0x200@4272950784:12:1 virtio_mmio.device=junk "
+        "virtio_mmio.device=1K@0x100000000:3 virtio_mmio.device=4k@0xfec01000:5"
+    )
+    extra = ["-M", "microvm,auto-kernel-cmdline=off", *RNG]
+    rc, out = qemu(guest, cmdline, extra=extra)
+    assert rc == 1, out
+    assert out.splitlines()[1:] == [
+        "virtio-mmio: cannot parse `virtio_mmio.device=junk`",
+        "virtio-mmio: 0x100000000 is above 4 GiB (not mapped)",
+        "virtio-mmio 0xfeb00e00: size 0x200 irq 12 magic 0x74726976 version 2 device-id 4 (entropy) "
+        "vendor 0x554d4551",
+        "virtio-mmio 0xfec01000: size 0x1000 irq 5 magic 0x0 version 0 device-id 0 (?) vendor 0x0",
+        "virtio-mmio 0xfec01000: bad magic 0x0",
+        "virtio devices: 2",
+    ]
+
+
+@needs_qemu
+@pytest.mark.parametrize(("sectors", "chunk"), [(None, None), (300, 7), (1, 1)])
+def test_qemu_blk(guest: Path, disk: Path, sectors: int | None, chunk: int | None) -> None:
+    cmdline = "test=blk" + (f" sectors={sectors}" if sectors else "") + (f" chunk={chunk}" if chunk else "")
+    n = sectors or 64
+    rc, out = qemu(guest, cmdline, extra=blk_args(disk))
+    assert rc == 1, out
+    assert capacity_line(out).startswith(f"blk capacity {DISK_SIZE // SECTOR} sectors features 0x1")
+    assert out.splitlines()[-1] == f"blk ok {n} sectors"
+    data = disk.read_bytes()
+    assert data[: n * SECTOR] == blk_pattern(n)
+    assert data[n * SECTOR :] == b"\xa5" * (DISK_SIZE - n * SECTOR)
+
+
+@needs_qemu
+def test_qemu_blk_too_many_sectors(guest: Path, disk: Path) -> None:
+    rc, out = qemu(guest, f"test=blk sectors={DISK_SIZE // SECTOR + 1}", extra=blk_args(disk))
+    assert rc == 3, out
+    assert "blk: bad sectors=" in out
+    assert disk.read_bytes() == b"\xa5" * DISK_SIZE
+
+
+@needs_qemu
+def test_qemu_blk_ro(guest: Path, disk: Path) -> None:
+    rc, out = qemu(guest, "test=blk-ro", extra=blk_args(disk, readonly=True))
+    assert rc == 1, out
+    assert out.splitlines()[-1] == "blk ro ok"
+    assert disk.read_bytes() == b"\xa5" * DISK_SIZE
+
+
+@needs_qemu
+def test_qemu_blk_ro_on_writable_disk(guest: Path, disk: Path) -> None:
+    rc, out = qemu(guest, "test=blk-ro", extra=blk_args(disk))
+    assert rc == 3, out
+    assert out.splitlines()[-1] == "blk-ro: the device does not offer VIRTIO_BLK_F_RO"
+
+
+@needs_qemu
+def test_qemu_blk_write_on_readonly_disk(guest: Path, disk: Path) -> None:
+    rc, out = qemu(guest, "test=blk", extra=blk_args(disk, readonly=True))
+    assert rc == 3, out
+    assert out.splitlines()[-1] == "blk: write sector 0: status 1 (IOERR), expected OK"
+
+
+@needs_qemu
+def test_qemu_blk_id(guest: Path, disk: Path) -> None:
+    rc, out = qemu(guest, "test=blk-id", extra=blk_args(disk, serial="pyrovm-disk-7"))
+    assert rc == 1, out
+    assert out.splitlines()[-1] == "blk id pyrovm-disk-7"
+
+
+@needs_qemu
+def test_qemu_blk_no_device(guest: Path) -> None:
+    rc, out = qemu(guest, "test=blk", extra=RNG)
+    assert (rc, out) == (3, "no virtio block device (1 virtio_mmio.device= entries on the command line)\n")
+
+
+@needs_qemu
+def test_qemu_blk_legacy_device(guest: Path, disk: Path) -> None:
+    extra = ["-global", "virtio-mmio.force-legacy=true", *blk_args(disk)]
+    rc, out = qemu(guest, "test=blk", extra=extra)
+    assert rc == 3, out
+    assert out.endswith(": version 1 (legacy) device: not supported, only version 2 (virtio 1.x)\n")
+    assert disk.read_bytes() == b"\xa5" * DISK_SIZE
+
+
+@needs_qemu
+@pytest.mark.parametrize("nbytes", [None, 5, 100_000])
+def test_qemu_rng(guest: Path, nbytes: int | None) -> None:
+    rc, out = qemu(guest, "test=rng" + (f" bytes={nbytes}" if nbytes else ""), extra=RNG)
+    assert rc == 1, out
+    words = out.split()
+    assert words[:3] == ["rng", "ok", str(nbytes or 64)], out
+    assert len(words[3]) == 2 * min(8, nbytes or 64)
+    int(words[3], 16)
+
+
+@needs_qemu
+@pytest.mark.parametrize("op", ["read", "write"])
+@pytest.mark.parametrize("depth", [1, 32])
+def test_qemu_blkbench(guest: Path, disk: Path, op: str, depth: int) -> None:
+    count = 3000  # 12 MB of 4 KiB requests: wraps around the 4 MiB disk
+    rc, out = qemu(guest, f"test=blkbench op={op} depth={depth} count={count}", extra=blk_args(disk))
+    assert rc == 1, out
+    lines = out.splitlines()
+    assert lines[1] == f"blkbench start op={op} bs=4096 depth={depth} count={count}"
+    assert lines[2] == f"blkbench done {count}"
+    assert lines[3].startswith("blkbench guest-tsc-us ")
+    if op == "read":
+        assert disk.read_bytes() == b"\xa5" * DISK_SIZE
+    else:
+        data = disk.read_bytes()
+        assert data != b"\xa5" * DISK_SIZE
+        assert data[:4096] == bytes(i & 0xFF for i in range(4096))
+
+
+@needs_qemu
+def test_qemu_blkbench_bad_args(guest: Path, disk: Path) -> None:
+    assert qemu(guest, "test=blkbench op=trim", extra=blk_args(disk)) == (
+        3,
+        "blkbench: op must be read or write\n",
+    )
+    rc, out = qemu(guest, "test=blkbench bs=1000", extra=blk_args(disk))
+    assert rc == 3 and out.startswith("blkbench: bad bs=/depth="), out
 
 
 # ---- direct KVM: both entries, with a minimal VMM written here -----------------------------------
@@ -306,3 +479,30 @@ def test_kvm_entries(guest: Path, entry: str) -> None:
     assert kvm_boot(guest, "test=mmio count=5", entry) == KvmRun("mmio done 5\n", 0, 0, 5)
     assert kvm_boot(guest, "test=triple-fault", entry) == KvmRun("triple-fault\n", None, 0, 0)
     assert kvm_boot(guest, "", entry) == KvmRun("unknown test\n", 2, 0, 0)
+
+
+@needs_kvm
+def test_kvm_virtio_discovery(guest: Path) -> None:
+    # nothing behind the addresses (MMIO reads give 0): only the command-line parsing and the probe
+    cmdline = (
+        "test=virtio virtio_mmio.device=4K@0xc0000000:5 virtio_mmio.device=0x200@3221233664:6:2 "
+        "virtio_mmio.device=1M@0x100000000:7 virtio_mmio.device=512@:1 virtio_mmio.devicex=1@0x1:1"
+    )
+    run = kvm_boot(guest, cmdline, "pvh")
+    assert run.status == 0
+    assert run.output.splitlines() == [
+        f"cmdline: {cmdline}",
+        "virtio-mmio: 0x100000000 is above 4 GiB (not mapped)",
+        "virtio-mmio: cannot parse `virtio_mmio.device=512@:1`",
+        "virtio-mmio 0xc0000000: size 0x1000 irq 5 magic 0x0 version 0 device-id 0 (?) vendor 0x0",
+        "virtio-mmio 0xc0000000: bad magic 0x0",
+        "virtio-mmio 0xc0002000: size 0x200 irq 6 magic 0x0 version 0 device-id 0 (?) vendor 0x0",
+        "virtio-mmio 0xc0002000: bad magic 0x0",
+        "virtio devices: 2",
+    ]
+    run = kvm_boot(guest, "test=blk virtio_mmio.device=4K@0xc0000000:5", "64")
+    assert run == KvmRun(
+        "virtio-mmio 0xc0000000: bad magic 0x0\nno virtio block device (1 virtio_mmio.device= entries on "
+        "the command line)\n",
+        1, 0, 0,
+    )  # fmt: skip
