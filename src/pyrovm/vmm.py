@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -27,7 +28,9 @@ from .console import ConsoleLog
 from .devices.bus import Bus
 from .devices.debug_exit import DebugExit
 from .devices.i8042 import I8042
+from .devices.virtio import BlockError
 from .devices.serial import Serial
+from .devmgr import DeviceConfigError, DiskSpec, VirtioManager
 from .kvm import exits as ex
 from .loader import KernelLoadError
 from .loader.elf import is_elf, load_elf
@@ -176,7 +179,10 @@ class VmConfig:
     initrd: Path | None = None
     boot: str = "auto"  # auto | pvh | linux64
     cpu_vendor: str | None = None
-    extra: dict[str, object] = field(default_factory=dict)
+    disks: list[DiskSpec] = field(default_factory=list)
+    rootfs: DiskSpec | None = None
+    rng: bool = False
+    rng_rate: int | None = None
 
 
 class VM:
@@ -193,11 +199,18 @@ class VM:
         boot: str = "auto",
         kvm_path: str | None = None,
         cpu_vendor: str | None = None,
+        disks: Sequence[str | DiskSpec] = (),
+        rootfs: str | DiskSpec | None = None,
+        rng: bool = False,
+        rng_rate: int | None = None,
     ) -> None:
         """Check the configuration and build the VM (nothing runs until :meth:`start`).
 
         *console*: None (kept in memory only), ``"stdio"`` (also to this process's stdout), ``"file:PATH"``
-        or a binary file object.  Bad input raises :class:`ConfigError`, :class:`KernelLoadError`,
+        or a binary file object.  *disks*: virtio-blk images (``PATH[,ro][,serial=ID]`` or
+        :class:`DiskSpec`), the first is ``/dev/vda``; *rootfs*: a disk put first and booted as the root
+        (``root=/dev/vda rw`` is added unless the command line names a root); *rng*: a virtio-rng device,
+        *rng_rate* its byte-rate limit.  Bad input raises :class:`ConfigError`, :class:`KernelLoadError`,
         or :class:`pyrovm.kvm.KvmUnavailable`.
         """
         self.config = VmConfig(
@@ -208,6 +221,10 @@ class VM:
             initrd=Path(initrd) if initrd is not None else None,
             boot=boot,
             cpu_vendor=cpu_vendor,
+            disks=[d if isinstance(d, DiskSpec) else DiskSpec.parse(d) for d in disks],
+            rootfs=rootfs if isinstance(rootfs, DiskSpec) or rootfs is None else DiskSpec.parse(rootfs),
+            rng=rng or rng_rate is not None,
+            rng_rate=rng_rate,
         )
         self._validate()
         self._console_file: BinaryIO | None = None
@@ -248,6 +265,11 @@ class VM:
             raise ConfigError(f"{cfg.cpus} vCPUs: at most 255 (8-bit APIC ids)")
         if cfg.boot not in ("auto", "pvh", "linux64"):
             raise ConfigError(f"boot mode {cfg.boot!r}: choose auto, pvh or linux64")
+        if cfg.rng_rate is not None and cfg.rng_rate <= 0:
+            raise ConfigError(f"rng rate {cfg.rng_rate}: must be a positive number of bytes per second")
+        for d in ([cfg.rootfs] if cfg.rootfs else []) + cfg.disks:
+            if not d.path.is_file():
+                raise ConfigError(f"disk {d.path}: no such file")
 
     def _open_console(self, console: str | BinaryIO | None) -> BinaryIO | None:
         if console is None or console == "none":
@@ -282,6 +304,7 @@ class VM:
             for slot, region in enumerate(self.memory):
                 self.vm.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr)
             self._build_devices()
+            self._build_virtio()
             self._build_vcpus()
             self._load()
         except BaseException:
@@ -298,6 +321,28 @@ class VM:
         self.pio.register(layout.I8042_PORT, 5, self.i8042, "i8042")
         self.debug_exit = DebugExit(self._on_exit_port)
         self.pio.register(layout.EXIT_PORT, 4, self.debug_exit, "exit-port")
+
+    def _build_virtio(self) -> None:
+        cfg = self.config
+        self.virtio = VirtioManager(self.vm, self.memory, self.mmio)
+        self._cmdline_extra: list[str] = []
+        disks = ([cfg.rootfs] if cfg.rootfs else []) + cfg.disks
+        try:
+            for i, spec in enumerate(disks):
+                self.virtio.add_disk(spec, i)
+            if cfg.rng:
+                self.virtio.add_rng(cfg.rng_rate)
+        except (DeviceConfigError, BlockError) as exc:
+            raise ConfigError(str(exc)) from None
+        if self.virtio.slots:
+            self._cmdline_extra.append(self.virtio.cmdline())
+        if cfg.rootfs is not None and not re.search(r"(^|\s)root=", cfg.cmdline):
+            self._cmdline_extra.append("root=/dev/vda " + ("ro" if cfg.rootfs.read_only else "rw"))
+
+    @property
+    def cmdline(self) -> str:
+        """The kernel command line the guest gets (the configured one plus device announcements)."""
+        return " ".join([self.config.cmdline, *self._cmdline_extra]).strip()
 
     def _build_vcpus(self) -> None:
         cfg = self.config
@@ -319,7 +364,7 @@ class VM:
             data = cfg.kernel.read_bytes()
         except OSError as exc:
             raise ConfigError(f"kernel {cfg.kernel}: {exc.strerror}") from None
-        cmdline = cfg.cmdline.encode()
+        cmdline = self.cmdline.encode()
         if not is_elf(data):
             raise KernelLoadError(f"{cfg.kernel}: not a kernel pyrovm can boot (not an ELF with a PVH note "
                                   "or 64-bit entry, not a bzImage)")
@@ -369,6 +414,7 @@ class VM:
                 )
             install_kick_handler()
         self.started_at = time.monotonic()
+        self.virtio.start()
         for i, vcpu in enumerate(self.vcpus):
             t = threading.Thread(target=self._vcpu_thread, args=(i, vcpu), name=f"vcpu{i}", daemon=True)
             self._threads.append(t)
@@ -573,10 +619,39 @@ class VM:
             "interrupted": sum(s.interrupted for s in self.stats),
         }
 
+    def metrics(self) -> dict[str, object]:
+        """Counters of the VM: how it ended, vCPU exits, and per-device requests/bytes/errors/interrupts."""
+        result = self._exit if self._done.is_set() else None
+        virtio = getattr(self, "virtio", None)
+        return {
+            "exit": None if result is None else {
+                "reason": result.reason.value,
+                "exit_code": result.exit_code,
+                "guest_status": result.guest_status,
+                "message": result.message,
+            },
+            "uptime_s": None if self.started_at is None else (self.ended_at or time.monotonic()) - self.started_at,
+            "vcpus": [vars(s).copy() for s in self.stats],
+            "vcpu_exits": self.exit_counts(),
+            "devices": virtio.metrics() if virtio is not None else {},
+            "serial": {"tx_bytes": self.serial.state.tx_bytes} if hasattr(self, "serial") else {},
+            "pio_unclaimed": self.pio.stats.unclaimed_reads + self.pio.stats.unclaimed_writes
+            if hasattr(self, "pio") else 0,
+            "mmio_unclaimed": self.mmio.stats.unclaimed_reads + self.mmio.stats.unclaimed_writes
+            if hasattr(self, "mmio") else 0,
+        }
+
     def close(self) -> None:
-        """Stop if running and release KVM file descriptors and guest memory."""
+        """Stop if running and release KVM file descriptors, devices and guest memory."""
         if self._threads and not self._done.is_set():
             self.stop()
+        if any(t.is_alive() for t in self._threads):
+            log.error("vCPU threads still running: leaving the VM's file descriptors open")
+            return
+        virtio = getattr(self, "virtio", None)
+        if virtio is not None:
+            virtio.close()
+            self.virtio = None  # type: ignore[assignment]
         vm = getattr(self, "vm", None)
         if vm is not None:
             vm.close()
