@@ -47,19 +47,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
             initrd=args.initrd,
             console=args.console,
             boot=args.boot,
+            disks=args.disk,
+            rootfs=args.rootfs,
+            rng=args.rng,
+            rng_rate=args.rng_rate,
         )
     except (ConfigError, KernelLoadError, KvmUnavailable, KvmCapabilityError) as exc:
         return _fail(str(exc))
     except KvmError as exc:
         return _fail(f"KVM refused to build the VM: {exc}")
+    if args.metrics:
+        _install_metrics_signal(vm, args.metrics)
     try:
         vm.start()
         result = vm.wait(args.timeout)
     except KeyboardInterrupt:
-        vm.stop(ExitReason.STOPPED, "interrupted")
+        result = vm.stop(ExitReason.STOPPED, "interrupted")
+        result.exit_code = ExitCode.INTERRUPTED
+    finally:
+        if args.metrics:
+            _write_metrics(vm, args.metrics)
         vm.close()
+    if result.exit_code == ExitCode.INTERRUPTED:
         return ExitCode.INTERRUPTED
-    vm.close()
     if args.console == "stdio" and not vm.console.data.endswith(b"\n") and vm.console.data:
         sys.stdout.write("\n")
         sys.stdout.flush()
@@ -68,6 +78,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
     elif args.verbose:
         print(f"pyrovm: {result.describe()}", file=sys.stderr)
     return result.exit_code
+
+
+def _write_metrics(vm: object, path: str) -> None:
+    import json
+
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(vm.metrics(), f, indent=2)  # type: ignore[attr-defined]
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _install_metrics_signal(vm: object, path: str) -> None:
+    import signal
+
+    def on_usr1(signum: int, frame: object) -> None:
+        try:
+            _write_metrics(vm, path)
+        except OSError as exc:
+            print(f"pyrovm: cannot write metrics to {path}: {exc.strerror}", file=sys.stderr)
+
+    signal.signal(signal.SIGUSR1, on_usr1)
 
 
 def _cmd_guest_build(args: argparse.Namespace) -> int:
@@ -119,6 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--boot", choices=("auto", "pvh", "linux64"), default="auto",
                      help="entry for ELF kernels: the PVH 32-bit entry or the 64-bit Linux boot protocol "
                      "(default: PVH when the ELF has the note)")
+    run.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,serial=ID]",
+                     help="a raw disk image as virtio-blk (repeatable; the first is /dev/vda); ro makes it "
+                     "read-only, serial= sets the id the guest reads")
+    run.add_argument("--rootfs", default=None, metavar="PATH[,ro]",
+                     help="a disk image put first (/dev/vda) and booted as the root file system "
+                     "(adds root=/dev/vda rw unless --cmdline has a root=); make one with 'pyrovm disk create'")
+    run.add_argument("--rng", action="store_true", help="add a virtio-rng entropy device (host getrandom)")
+    run.add_argument("--rng-rate", type=int, default=None, metavar="BYTES_PER_S",
+                     help="virtio-rng with a byte-rate limit (implies --rng)")
+    run.add_argument("--metrics", default=None, metavar="FILE",
+                     help="write JSON counters (exit reason, vCPU exits, per-device requests/bytes/errors/"
+                     "interrupts) to FILE when the VM ends, and on SIGUSR1")
     run.add_argument("--verbose", "-v", action="store_true", help="report how the VM ended on stderr")
     run.set_defaults(func=_cmd_run)
 

@@ -170,6 +170,15 @@ if threading.current_thread() is threading.main_thread():
     install_kick_handler()
 
 
+def _disk_spec(spec: str | DiskSpec) -> DiskSpec:
+    if isinstance(spec, DiskSpec):
+        return spec
+    try:
+        return DiskSpec.parse(spec)
+    except DeviceConfigError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 @dataclass
 class VmConfig:
     kernel: Path
@@ -221,8 +230,8 @@ class VM:
             initrd=Path(initrd) if initrd is not None else None,
             boot=boot,
             cpu_vendor=cpu_vendor,
-            disks=[d if isinstance(d, DiskSpec) else DiskSpec.parse(d) for d in disks],
-            rootfs=rootfs if isinstance(rootfs, DiskSpec) or rootfs is None else DiskSpec.parse(rootfs),
+            disks=[_disk_spec(d) for d in disks],
+            rootfs=None if rootfs is None else _disk_spec(rootfs),
             rng=rng or rng_rate is not None,
             rng_rate=rng_rate,
         )
