@@ -33,7 +33,7 @@ exits 1 (a legacy, version 1 device: "... version 1 (legacy) device: not support
 
 For the VMM:
 
-* Memory: the image occupies 0x100000 to the end of its .bss (about 0x290000); .bss must read as
+* Memory: the image occupies 0x100000 to the end of its .bss (about 0x390000); .bss must read as
   zero (fresh guest RAM is).  The guest's own page tables are inside the image (CR3 = its ``pml4``,
   about 0x104000).
   Below 1 MiB only 0x8000-0x802a is written (the AP trampoline, copied there by ``test=cpus``).
@@ -54,7 +54,7 @@ For the VMM:
   (Status = 0) when a test ends.  The device reads and writes only the guest's .bss: the ring (4 KiB
   pages of descriptors ``vq_desc``, driver area ``vq_avail``, device area ``vq_used``, about
   0x28c000-0x28f000), request headers and status bytes (``blk_hdr``/``blk_status``, after the rings)
-  and a 1 MiB data buffer ``virtio_buf`` (about 0x18c000-0x28c000).  Block chains are 3 descriptors
+  and a 2 MiB data buffer ``virtio_buf`` (about 0x18c000-0x38c000).  Block chains are 3 descriptors
   (header, data, status; a FLUSH has no data); chain c uses descriptors 3c..3c+2.
 
 Booting under QEMU (works on this project's PVM hosts; QEMU 7.2)::

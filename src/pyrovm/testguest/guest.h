@@ -151,7 +151,7 @@ void ap_main(uint32_t index, uint32_t apic_id);
 #define VIRTIO_MAX_DEVS 32
 #define VQ_MAX 256 /* largest queue we set up (a power of 2) */
 #define VQ_TIMEOUT_MS 30000
-#define VIRTIO_BUF_SIZE (1u << 20)
+#define VIRTIO_BUF_SIZE (2u << 20)
 
 #define VRING_DESC_F_NEXT 1
 #define VRING_DESC_F_WRITE 2

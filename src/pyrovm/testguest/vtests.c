@@ -276,7 +276,7 @@ int test_blkbench(void)
 		return 1;
 	}
 	if (bs == 0 || bs % SECTOR || depth == 0 || depth > VQ_MAX / 3 || bs * depth > VIRTIO_BUF_SIZE) {
-		put_str("blkbench: bad bs=/depth= (bs a multiple of 512, depth <= 85, bs * depth <= 1 MiB)\n");
+		put_str("blkbench: bad bs=/depth= (bs a multiple of 512, depth <= 85, bs * depth <= 2 MiB)\n");
 		return 1;
 	}
 	if (blk_open(&d, &capacity, 0) < 0)
@@ -380,7 +380,7 @@ int test_rng(void)
 	struct virtio_dev d;
 	uint64_t n = cmdline_get("bytes", 64), got = 0;
 	if (n == 0 || n > VIRTIO_BUF_SIZE) {
-		put_str("rng: bad bytes= (1 to 1048576)\n");
+		put_str("rng: bad bytes= (1 to 2097152)\n");
 		return 1;
 	}
 	if (virtio_find(VIRTIO_ID_RNG, &d) < 0 || virtio_init(&d, 0, 0) < 0)
