@@ -21,13 +21,23 @@ from pathlib import Path
 
 from common import QEMU, env, pyrovm_cmd, qemu_cmd, table, testguest
 
-CASES = [("read", 4096, 1), ("write", 4096, 1), ("read", 4096, 32), ("write", 4096, 32),
-         ("read", 65536, 1), ("write", 65536, 1), ("read", 65536, 32), ("write", 65536, 32)]
+CASES = [
+    ("read", 4096, 1),
+    ("write", 4096, 1),
+    ("read", 4096, 32),
+    ("write", 4096, 32),
+    ("read", 65536, 1),
+    ("write", 65536, 1),
+    ("read", 65536, 32),
+    ("write", 65536, 32),
+]
 
 
 def timed_bench(cmd: list[str], count: int) -> float:
     """Seconds between the guest's start and done lines."""
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env())
+    p = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env()
+    )
     assert p.stdout is not None
     buf = b""
     t_start = t_done = None
@@ -65,25 +75,40 @@ def main(argv: list[str] | None = None) -> int:
             f.write(b"\xa5" * (args.image_size << 20))  # allocated, in the page cache
         vmms = {
             "pyrovm": lambda cmdline: pyrovm_cmd(guest, cmdline, extra=["--disk", str(img)]),
-            "qemu": lambda cmdline: qemu_cmd(guest, cmdline, extra=[
-                "-device", "virtio-blk-device,drive=d0",
-                "-drive", f"id=d0,file={img},format=raw,if=none,cache=writeback,aio=threads"]),
+            "qemu": lambda cmdline: qemu_cmd(
+                guest,
+                cmdline,
+                extra=[
+                    "-device",
+                    "virtio-blk-device,drive=d0",
+                    "-drive",
+                    f"id=d0,file={img},format=raw,if=none,cache=writeback,aio=threads",
+                ],
+            ),
         }
         rows = []
         for op, bs, depth in CASES:
             cmdline = f"test=blkbench op={op} bs={bs} depth={depth} count={args.count}"
-            secs = {name: statistics.median(timed_bench(make(cmdline), args.count) for _ in range(args.repeat))
-                    for name, make in vmms.items()}
+            secs = {
+                name: statistics.median(timed_bench(make(cmdline), args.count) for _ in range(args.repeat))
+                for name, make in vmms.items()
+            }
             p, q = secs["pyrovm"], secs["qemu"]
             mbs = {n: args.count * bs / s / 1e6 for n, s in secs.items()}
             iops = {n: args.count / s for n, s in secs.items()}
             us = {n: s / args.count * 1e6 for n, s in secs.items()}
             label = f"{op} {bs // 1024}K qd{depth}"
-            rows.append((label, f"{mbs['pyrovm']:.0f} MB/s {iops['pyrovm']:.0f} IOPS {us['pyrovm']:.1f} µs",
-                         f"{mbs['qemu']:.0f} MB/s {iops['qemu']:.0f} IOPS {us['qemu']:.1f} µs", f"{q / p:.2f}x"))
+            rows.append(
+                (
+                    label,
+                    f"{mbs['pyrovm']:.0f} MB/s {iops['pyrovm']:.0f} IOPS {us['pyrovm']:.1f} µs",
+                    f"{mbs['qemu']:.0f} MB/s {iops['qemu']:.0f} IOPS {us['qemu']:.1f} µs",
+                    f"{q / p:.2f}x",
+                )
+            )
             print(f"  {label}: pyrovm {p:.3f}s qemu {q:.3f}s", file=sys.stderr, flush=True)
-    print(f"sequential I/O, {args.count} requests per run, median of {args.repeat}, {args.image_size} MiB raw image")
-    print("µs = wall time per request (at depth 32 requests overlap); ratio = pyrovm throughput / QEMU throughput")
+    print(f"sequential I/O, {args.count} requests per run, median of {args.repeat}, {args.image_size} MiB image")
+    print("µs = wall time per request (requests overlap at depth 32); ratio = pyrovm / QEMU throughput")
     print(table(rows, ("case", "pyrovm", "qemu", "pyrovm/qemu")))
     return 0
 

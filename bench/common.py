@@ -19,12 +19,29 @@ from pyrovm import testguest  # noqa: E402
 QEMU = shutil.which("qemu-system-x86_64")
 
 
-def pyrovm_cmd(kernel: Path, cmdline: str, memory: str = "128M", cpus: int = 1, extra: Sequence[str] = ()) -> list[str]:
-    return [sys.executable, "-m", "pyrovm.cli", "run", "--kernel", str(kernel), "--memory", memory,
-            "--cpus", str(cpus), "--cmdline", cmdline, *extra]
+def pyrovm_cmd(
+    kernel: Path, cmdline: str, memory: str = "128M", cpus: int = 1, extra: Sequence[str] = ()
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pyrovm.cli",
+        "run",
+        "--kernel",
+        str(kernel),
+        "--memory",
+        memory,
+        "--cpus",
+        str(cpus),
+        "--cmdline",
+        cmdline,
+        *extra,
+    ]
 
 
-def qemu_cmd(kernel: Path, cmdline: str, memory: str = "128M", cpus: int = 1, extra: Sequence[str] = ()) -> list[str]:
+def qemu_cmd(
+    kernel: Path, cmdline: str, memory: str = "128M", cpus: int = 1, extra: Sequence[str] = ()
+) -> list[str]:
     cmd = testguest.qemu_command(kernel, cmdline, smp=cpus)
     i = cmd.index("-m")
     cmd[i + 1] = memory
@@ -47,7 +64,9 @@ def timed_run(cmd: list[str], timeout: float = 300) -> tuple[float, int, bytes]:
 def time_to_first_byte(cmd: list[str], timeout: float = 60) -> float:
     """Seconds from process start to the first byte on its stdout (the guest's first UART byte)."""
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env())
+    p = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env()
+    )
     assert p.stdout is not None
     first = p.stdout.read(1)
     t = time.perf_counter() - t0
@@ -77,7 +96,9 @@ def rss_excluding_guest_ram(pid: int, guest_bytes: int) -> tuple[int, int]:
 
 def measure_rss(cmd: list[str], guest_bytes: int, ready: bytes, timeout: float = 60) -> int:
     """Start *cmd*, wait until its stdout shows *ready*, then read its RSS without guest RAM."""
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env())
+    p = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env()
+    )
     assert p.stdout is not None
     buf = b""
     deadline = time.monotonic() + timeout

@@ -15,8 +15,8 @@ import sys
 
 from common import (
     QEMU,
-    median_of,
     measure_rss,
+    median_of,
     pyrovm_cmd,
     qemu_cmd,
     table,
@@ -55,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         r = res[name]
         r["pio"] = per_exit_us(make, guest, "pio", args.count, args.repeat)
         r["mmio"] = per_exit_us(make, guest, "mmio", args.count, args.repeat)
-        r["first_byte"] = median_of(args.repeat, lambda make=make: time_to_first_byte(make(guest, "test=hello", MEMORY))) * 1e3
+        r["first_byte"] = (
+            median_of(args.repeat, lambda make=make: time_to_first_byte(make(guest, "test=hello", MEMORY)))
+            * 1e3
+        )
         r["rss"] = measure_rss(make(guest, "test=echo", MEMORY), 128 << 20, b"echo ready") / 2**20
     rows = []
     for key, label, unit in (

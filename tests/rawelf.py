@@ -18,7 +18,20 @@ def make_elf(code: bytes, path: Path, load_addr: int = LOAD_ADDR, pvh_entry: int
     code_off = ehsize + phsize * phnum + len(note)
     ehdr = struct.pack(
         "<16sHHIQQQIHHHHHH",
-        b"\x7fELF\x02\x01\x01" + bytes(9), 2, 62, 1, load_addr, ehsize, 0, 0, ehsize, phsize, phnum, 0, 0, 0,
+        b"\x7fELF\x02\x01\x01" + bytes(9),
+        2,
+        62,
+        1,
+        load_addr,
+        ehsize,
+        0,
+        0,
+        ehsize,
+        phsize,
+        phnum,
+        0,
+        0,
+        0,
     )
     phdrs = struct.pack("<IIQQQQQQ", 1, 7, code_off, load_addr, load_addr, len(code), len(code), 0x1000)
     if note:

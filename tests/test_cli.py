@@ -14,12 +14,18 @@ from conftest import needs_kvm
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-def pyrovm(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def pyrovm(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     e = dict(os.environ)
     e["PYTHONPATH"] = SRC + os.pathsep + e.get("PYTHONPATH", "")
     e.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "pyrovm.cli", *args], capture_output=True, text=True, timeout=timeout, env=e,
+        [sys.executable, "-m", "pyrovm.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=e,
         stdin=subprocess.DEVNULL,
     )
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import needs_kvm
 from pyrovm.vmm import VM, ConfigError, ExitReason
+
+from conftest import needs_kvm
 
 pytestmark = needs_kvm
 
@@ -130,9 +131,21 @@ def test_cli_disk_and_metrics_file(guest: Path, tmp_path: Path) -> None:
     disk = image(tmp_path)
     metrics = tmp_path / "m.json"
     p = subprocess.run(
-        _cli("--kernel", str(guest), "--cmdline", "test=blk", "--disk", str(disk), "--rng",
-             "--metrics", str(metrics)),
-        capture_output=True, text=True, timeout=120, env=_env(),
+        _cli(
+            "--kernel",
+            str(guest),
+            "--cmdline",
+            "test=blk",
+            "--disk",
+            str(disk),
+            "--rng",
+            "--metrics",
+            str(metrics),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
     )
     assert p.returncode == 1, p.stderr
     assert "blk ok" in p.stdout
@@ -149,7 +162,9 @@ def test_sigkill_after_acknowledged_flush_loses_nothing(guest: Path, tmp_path: P
     disk = image(tmp_path)
     p = subprocess.Popen(
         _cli("--kernel", str(guest), "--cmdline", "test=blk sectors=128", "--disk", str(disk)),
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=_env(),
     )
     assert p.stdout is not None
     out = b""

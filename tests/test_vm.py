@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-import rawelf
-from conftest import needs_kvm
 from pyrovm import kvm
 from pyrovm.loader import KernelLoadError
 from pyrovm.vmm import VM, ConfigError, ExitCode, ExitReason
+
+import rawelf
+from conftest import needs_kvm
 
 pytestmark = needs_kvm
 

@@ -138,46 +138,91 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("--kernel", required=True, metavar="PATH", help="kernel image to boot")
-    run.add_argument("--memory", "-m", default="128M", metavar="SIZE",
-                     help="guest RAM, e.g. 128M, 1G (a bare number is MiB; default 128M)")
+    run.add_argument(
+        "--memory",
+        "-m",
+        default="128M",
+        metavar="SIZE",
+        help="guest RAM, e.g. 128M, 1G (a bare number is MiB; default 128M)",
+    )
     run.add_argument("--cpus", type=int, default=1, metavar="N", help="number of vCPUs (default 1)")
-    run.add_argument("--cmdline", default=None, metavar="STR",
-                     help="kernel command line (default: 'console=ttyS0 reboot=k panic=-1')")
+    run.add_argument(
+        "--cmdline",
+        default=None,
+        metavar="STR",
+        help="kernel command line (default: 'console=ttyS0 reboot=k panic=-1')",
+    )
     run.add_argument("--initrd", default=None, metavar="PATH", help="initial ramdisk (initramfs cpio)")
-    run.add_argument("--console", default="stdio", metavar="stdio|none|file:PATH",
-                     help="where the serial console goes (default stdio); it is also kept in memory")
-    run.add_argument("--timeout", type=float, default=None, metavar="S",
-                     help="stop the VM after S seconds (exit status 124)")
-    run.add_argument("--boot", choices=("auto", "pvh", "linux64"), default="auto",
-                     help="entry for ELF kernels: the PVH 32-bit entry or the 64-bit Linux boot protocol "
-                     "(default: PVH when the ELF has the note)")
-    run.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,serial=ID]",
-                     help="a raw disk image as virtio-blk (repeatable; the first is /dev/vda); ro makes it "
-                     "read-only, serial= sets the id the guest reads")
-    run.add_argument("--rootfs", default=None, metavar="PATH[,ro]",
-                     help="a disk image put first (/dev/vda) and booted as the root file system "
-                     "(adds root=/dev/vda rw unless --cmdline has a root=); make one with 'pyrovm disk create'")
+    run.add_argument(
+        "--console",
+        default="stdio",
+        metavar="stdio|none|file:PATH",
+        help="where the serial console goes (default stdio); it is also kept in memory",
+    )
+    run.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="stop the VM after S seconds (exit status 124)",
+    )
+    run.add_argument(
+        "--boot",
+        choices=("auto", "pvh", "linux64"),
+        default="auto",
+        help="entry for ELF kernels: the PVH 32-bit entry or the 64-bit Linux boot protocol "
+        "(default: PVH when the ELF has the note)",
+    )
+    run.add_argument(
+        "--disk",
+        action="append",
+        default=[],
+        metavar="PATH[,ro][,serial=ID]",
+        help="a raw disk image as virtio-blk (repeatable; the first is /dev/vda); ro makes it "
+        "read-only, serial= sets the id the guest reads",
+    )
+    run.add_argument(
+        "--rootfs",
+        default=None,
+        metavar="PATH[,ro]",
+        help="a disk image put first (/dev/vda) and booted as the root file system "
+        "(adds root=/dev/vda rw unless --cmdline has a root=); make one with 'pyrovm disk create'",
+    )
     run.add_argument("--rng", action="store_true", help="add a virtio-rng entropy device (host getrandom)")
-    run.add_argument("--rng-rate", type=int, default=None, metavar="BYTES_PER_S",
-                     help="virtio-rng with a byte-rate limit (implies --rng)")
-    run.add_argument("--metrics", default=None, metavar="FILE",
-                     help="write JSON counters (exit reason, vCPU exits, per-device requests/bytes/errors/"
-                     "interrupts) to FILE when the VM ends, and on SIGUSR1")
+    run.add_argument(
+        "--rng-rate",
+        type=int,
+        default=None,
+        metavar="BYTES_PER_S",
+        help="virtio-rng with a byte-rate limit (implies --rng)",
+    )
+    run.add_argument(
+        "--metrics",
+        default=None,
+        metavar="FILE",
+        help="write JSON counters (exit reason, vCPU exits, per-device requests/bytes/errors/"
+        "interrupts) to FILE when the VM ends, and on SIGUSR1",
+    )
     run.add_argument("--verbose", "-v", action="store_true", help="report how the VM ended on stderr")
     run.set_defaults(func=_cmd_run)
 
-    guest = sub.add_parser("guest", help="the project's test guest",
-                           description="Build the test guest (a small C + asm PVH kernel used by the tests "
-                           "and benchmarks).")
+    guest = sub.add_parser(
+        "guest",
+        help="the project's test guest",
+        description="Build the test guest (a small C + asm PVH kernel used by the tests and benchmarks).",
+    )
     guest_sub = guest.add_subparsers(dest="guest_command", metavar="ACTION")
     guest_sub.required = True
     gb = guest_sub.add_parser("build", help="build the test guest if needed and print its path (last line)")
     gb.add_argument("--force", action="store_true", help="rebuild even when a cached build exists")
     gb.set_defaults(func=_cmd_guest_build)
 
-    doctor = sub.add_parser("doctor", help="check that this host can run VMs",
-                            description="Check /dev/kvm, the KVM API and capabilities, PVM or hardware "
-                            "virtualization, then boot the test guest and time an exit round trip.")
+    doctor = sub.add_parser(
+        "doctor",
+        help="check that this host can run VMs",
+        description="Check /dev/kvm, the KVM API and capabilities, PVM or hardware "
+        "virtualization, then boot the test guest and time an exit round trip.",
+    )
     doctor.set_defaults(func=_cmd_doctor)
 
     from . import disk, initramfs

@@ -65,7 +65,9 @@ class ConsoleLog:
     def __str__(self) -> str:
         return self.text
 
-    def wait_for(self, pattern: str | bytes | re.Pattern[bytes], timeout: float | None = None) -> re.Match[bytes] | None:
+    def wait_for(
+        self, pattern: str | bytes | re.Pattern[bytes], timeout: float | None = None
+    ) -> re.Match[bytes] | None:
         """Block until *pattern* appears in the output; None on timeout or when the VM ended without it."""
         if isinstance(pattern, str):
             pattern = pattern.encode()

@@ -106,7 +106,9 @@ class VirtioManager:
             raise DeviceConfigError(f"disk {spec.path}: no such file")
         if not os.access(spec.path, os.R_OK if spec.read_only else os.R_OK | os.W_OK):
             raise DeviceConfigError(f"disk {spec.path}: not {'readable' if spec.read_only else 'writable'}")
-        dev = VirtioBlock(spec.path, read_only=spec.read_only, serial=spec.serial, name=f"vd{chr(97 + index)}")
+        dev = VirtioBlock(
+            spec.path, read_only=spec.read_only, serial=spec.serial, name=f"vd{chr(97 + index)}"
+        )
         return self.add(dev, f"virtio-blk:vd{chr(97 + index)}")
 
     def add_rng(self, rate_bytes_per_s: int | None = None) -> _Slot:

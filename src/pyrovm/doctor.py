@@ -56,7 +56,10 @@ def run_doctor(kvm_path: str | None = None) -> int:
     if missing:
         _line(False, f"missing KVM capabilities: {', '.join(missing)}")
         return 1
-    _line(True, f"capabilities present ({len(k.constants.REQUIRED_CAPS)} checked); up to {kvm.max_vcpus()} vCPUs")
+    _line(
+        True,
+        f"capabilities present ({len(k.constants.REQUIRED_CAPS)} checked); up to {kvm.max_vcpus()} vCPUs",
+    )
     kvm.close()
     _line(None, f"virtualization: {virtualization_kind()}")
 

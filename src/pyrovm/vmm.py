@@ -28,8 +28,8 @@ from .console import ConsoleLog
 from .devices.bus import Bus
 from .devices.debug_exit import DebugExit
 from .devices.i8042 import I8042
-from .devices.virtio import BlockError
 from .devices.serial import Serial
+from .devices.virtio import BlockError
 from .devmgr import DeviceConfigError, DiskSpec, VirtioManager
 from .kvm import exits as ex
 from .loader import KernelLoadError
@@ -290,7 +290,7 @@ class VM:
                 raise ConfigError(f"console {console!r}: use stdio, none or file:PATH")
             path = console[5:]
             try:
-                self._console_file = open(path, "wb")  # noqa: SIM115 - closed when the VM ends
+                self._console_file = open(path, "wb")
             except OSError as exc:
                 raise ConfigError(f"console file {path}: {exc.strerror}") from None
             return self._console_file
@@ -324,7 +324,9 @@ class VM:
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
         vm = self.vm
-        self.serial = Serial(out=self.console.write, irq=lambda level: vm.irq_line(layout.UART_COM1_IRQ, level))
+        self.serial = Serial(
+            out=self.console.write, irq=lambda level: vm.irq_line(layout.UART_COM1_IRQ, level)
+        )
         self.pio.register(layout.UART_COM1_PORT, 8, self.serial, "uart0")
         self.i8042 = I8042(on_reset=lambda: self._finish(ExitReason.RESET, "the guest reset the machine"))
         self.pio.register(layout.I8042_PORT, 5, self.i8042, "i8042")
@@ -375,8 +377,10 @@ class VM:
             raise ConfigError(f"kernel {cfg.kernel}: {exc.strerror}") from None
         cmdline = self.cmdline.encode()
         if not is_elf(data):
-            raise KernelLoadError(f"{cfg.kernel}: not a kernel pyrovm can boot (not an ELF with a PVH note "
-                                  "or 64-bit entry, not a bzImage)")
+            raise KernelLoadError(
+                f"{cfg.kernel}: not a kernel pyrovm can boot (not an ELF with a PVH note "
+                "or 64-bit entry, not a bzImage)"
+            )
         kernel = load_elf(self.memory, data, str(cfg.kernel))
         e820 = bootparams.e820_map(layout.ram_layout(cfg.memory))
         cmdline_addr = bootparams.write_cmdline(self.memory, cmdline)
@@ -444,7 +448,7 @@ class VM:
         pio_write, pio_read = self.pio.write, self.pio.read
         mmio_write, mmio_read = self.mmio.write, self.mmio.read
         stats = self.stats[index]
-        IoOut, IoIn, MmioWrite, MmioRead = ex.IoOut, ex.IoIn, ex.MmioWrite, ex.MmioRead  # noqa: N806
+        IoOut, IoIn, MmioWrite, MmioRead = ex.IoOut, ex.IoIn, ex.MmioWrite, ex.MmioRead
         seen_poll = 0
         run = vcpu.run
         while not self._stopping:
@@ -490,12 +494,15 @@ class VM:
             self._finish(ExitReason.TRIPLE_FAULT, "triple fault (the vCPU shut down)", index, vcpu)
         elif isinstance(e, ex.InternalError):
             extra = f", data {' '.join(hex(d) for d in e.data)}" if e.data else ""
-            self._finish(ExitReason.INTERNAL_ERROR, f"KVM internal error: {e.description}{extra}", index, vcpu)
+            self._finish(
+                ExitReason.INTERNAL_ERROR, f"KVM internal error: {e.description}{extra}", index, vcpu
+            )
         elif isinstance(e, ex.FailEntry):
             self._finish(
                 ExitReason.FAIL_ENTRY,
                 f"KVM could not enter the guest (hardware reason {e.hardware_entry_failure_reason:#x})",
-                index, vcpu,
+                index,
+                vcpu,
             )
         elif isinstance(e, ex.SystemEvent):
             if e.type == k.constants.KVM_SYSTEM_EVENT_RESET:
@@ -633,21 +640,27 @@ class VM:
         result = self._exit if self._done.is_set() else None
         virtio = getattr(self, "virtio", None)
         return {
-            "exit": None if result is None else {
+            "exit": None
+            if result is None
+            else {
                 "reason": result.reason.value,
                 "exit_code": result.exit_code,
                 "guest_status": result.guest_status,
                 "message": result.message,
             },
-            "uptime_s": None if self.started_at is None else (self.ended_at or time.monotonic()) - self.started_at,
+            "uptime_s": None
+            if self.started_at is None
+            else (self.ended_at or time.monotonic()) - self.started_at,
             "vcpus": [vars(s).copy() for s in self.stats],
             "vcpu_exits": self.exit_counts(),
             "devices": virtio.metrics() if virtio is not None else {},
             "serial": {"tx_bytes": self.serial.state.tx_bytes} if hasattr(self, "serial") else {},
             "pio_unclaimed": self.pio.stats.unclaimed_reads + self.pio.stats.unclaimed_writes
-            if hasattr(self, "pio") else 0,
+            if hasattr(self, "pio")
+            else 0,
             "mmio_unclaimed": self.mmio.stats.unclaimed_reads + self.mmio.stats.unclaimed_writes
-            if hasattr(self, "mmio") else 0,
+            if hasattr(self, "mmio")
+            else 0,
         }
 
     def close(self) -> None:

@@ -35,8 +35,9 @@ class I8042State:
 class I8042:
     """Ports 0x60 (data) and 0x64 (status/command); register with a length of 5 at 0x60."""
 
-    def __init__(self, on_reset: Callable[[], None], irq: IrqLevel | None = None,
-                 state: I8042State | None = None) -> None:
+    def __init__(
+        self, on_reset: Callable[[], None], irq: IrqLevel | None = None, state: I8042State | None = None
+    ) -> None:
         self.state = state or I8042State()
         self._on_reset = on_reset
         self._irq = irq or (lambda level: None)

@@ -55,7 +55,9 @@ def load_elf(mem: GuestMemory, data: bytes, name: str = "kernel") -> ElfKernel:
     """Copy the ``PT_LOAD`` segments of ELF *data* into guest memory."""
     if len(data) < _EHDR.size or not is_elf(data):
         raise KernelLoadError(f"{name}: not an ELF file")
-    ident, _etype, machine, _ver, entry, phoff, _sh, _fl, _ehsz, phentsize, phnum, *_ = _EHDR.unpack_from(data)
+    ident, _etype, machine, _ver, entry, phoff, _sh, _fl, _ehsz, phentsize, phnum, *_ = _EHDR.unpack_from(
+        data
+    )
     if ident[4] != ELFCLASS64 or ident[5] != ELFDATA2LSB:
         raise KernelLoadError(f"{name}: not a little-endian 64-bit ELF")
     if machine != EM_X86_64:
@@ -65,7 +67,9 @@ def load_elf(mem: GuestMemory, data: bytes, name: str = "kernel") -> ElfKernel:
     pvh: int | None = None
     lo, hi = None, 0
     for i in range(phnum):
-        ptype, _flags, off, _vaddr, paddr, filesz, memsz, _align = _PHDR.unpack_from(data, phoff + i * phentsize)
+        ptype, _flags, off, _vaddr, paddr, filesz, memsz, _align = _PHDR.unpack_from(
+            data, phoff + i * phentsize
+        )
         if ptype == PT_NOTE:
             if off + filesz > len(data):
                 raise KernelLoadError(f"{name}: truncated ELF note segment")

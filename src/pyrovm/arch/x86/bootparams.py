@@ -75,8 +75,9 @@ def e820_map(ram: list[tuple[int, int]]) -> list[E820Entry]:
     return entries
 
 
-def write_cmdline(mem: GuestMemory, cmdline: bytes, addr: int = layout.CMDLINE_ADDR,
-                  max_size: int = layout.CMDLINE_MAX_SIZE) -> int:
+def write_cmdline(
+    mem: GuestMemory, cmdline: bytes, addr: int = layout.CMDLINE_ADDR, max_size: int = layout.CMDLINE_MAX_SIZE
+) -> int:
     """Write the NUL-terminated command line; returns its address."""
     if len(cmdline) + 1 > max_size:
         raise ValueError(f"kernel command line is {len(cmdline)} bytes, the limit is {max_size - 1}")
@@ -137,8 +138,12 @@ def write_pvh_start_info(
         raise ValueError("too many memory map entries for the PVH start_info")
     for i, ent in enumerate(e820):
         PVH_MEMMAP_ENTRY.pack_into(
-            mem.view(memmap_addr + i * PVH_MEMMAP_ENTRY.size, PVH_MEMMAP_ENTRY.size), 0,
-            ent.addr, ent.size, ent.type, 0,
+            mem.view(memmap_addr + i * PVH_MEMMAP_ENTRY.size, PVH_MEMMAP_ENTRY.size),
+            0,
+            ent.addr,
+            ent.size,
+            ent.type,
+            0,
         )
     nr_modules = 0
     modlist = 0
