@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             print(f"  {label}: pyrovm {p:.3f}s qemu {q:.3f}s", file=sys.stderr, flush=True)
-    print(f"sequential I/O, {args.count} requests a run, median of {args.repeat}, {args.image_size} MiB image")
+    print(f"sequential I/O, {args.count} requests a run, median of {args.repeat}, {args.image_size} MiB")
     print("µs = wall time per request (requests overlap at depth 32); ratio = pyrovm / QEMU throughput")
     print(table(rows, ("case", "pyrovm", "qemu", "pyrovm/qemu")))
     return 0
