@@ -231,6 +231,21 @@ def test_build_adds_files_dirs_symlinks(tmp_path: Path, fake_busybox: Path) -> N
     assert m["etc/single.txt"].data == b"one\n"
 
 
+def test_build_add_directory_at_root(tmp_path: Path, fake_busybox: Path) -> None:
+    root = tmp_path / "rootfs"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "motd").write_text("hi\n")
+    (root / "init").write_text("#!/bin/sh\necho overlay\n")
+    (root / "init").chmod(0o755)
+    out = build_initramfs(tmp_path / "i.cpio", [(root, "/")], busybox=fake_busybox)
+    m = by_name(read_newc(out.read_bytes()))
+    assert m["etc/motd"].data == b"hi\n"
+    assert m["init"].data == b"#!/bin/sh\necho overlay\n"  # adds win over the default entries
+    assert stat.S_ISDIR(m["proc"].mode) and "rootfs" not in m
+    with pytest.raises(InitramfsError, match="only a directory"):
+        build_initramfs(tmp_path / "j.cpio", [(root / "etc" / "motd", "/")], busybox=fake_busybox)
+
+
 def test_build_custom_init_and_gzip(tmp_path: Path, fake_busybox: Path) -> None:
     script = tmp_path / "my-init"
     script.write_text("#!/bin/sh\necho custom\n")
@@ -257,6 +272,7 @@ def test_parse_add() -> None:
     assert parse_add("/host/file:/guest/file") == (Path("/host/file"), "/guest/file")
     assert parse_add("rel/dir:/opt") == (Path("rel/dir"), "/opt")
     assert parse_add("/a:b:/c") == (Path("/a:b"), "/c")
+    assert parse_add("rootfs:/") == (Path("rootfs"), "/")
     for bad in ("nocolon", ":/guest", "/host:", "/host:relative", "/host:/a/../b"):
         with pytest.raises(InitramfsError, match="bad"):
             parse_add(bad)

@@ -28,7 +28,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 __all__ = [
     "DEFAULT_BUSYBOX",
@@ -143,12 +143,13 @@ class CpioWriter:
         self._write(data)
         self._pad()
 
-    def _add(self, name: str, mode: int, data: bytes = b"", **kw: object) -> str:
+    def _add(self, name: str, mode: int, data: bytes = b"", *, nlink: int = 1, uid: int = 0, gid: int = 0,
+             rdev: tuple[int, int] = (0, 0)) -> str:
         path = _check_name(name)
         if path in self._names:
             raise InitramfsError(f"duplicate archive path {path!r}")
         self._names.add(path)
-        self._entry(path, mode, data, **kw)  # type: ignore[arg-type]
+        self._entry(path, mode, data, nlink=nlink, uid=uid, gid=gid, rdev=rdev)
         return path
 
     def add_dir(self, name: str, mode: int = 0o755, *, uid: int = 0, gid: int = 0) -> None:
@@ -221,21 +222,29 @@ class _Tree:
         self.entries[path] = entry
 
     def add_host(self, host: Path, guest: str) -> None:
-        """Add a host file, symlink or directory (recursively) at archive path ``guest``."""
+        """Add a host file, symlink or directory (recursively) at archive path ``guest``.
+
+        Symlinks are kept as symlinks. A directory added at ``/`` merges its contents into the root.
+        """
         try:
             st = host.lstat()
         except OSError as exc:
             raise InitramfsError(f"host path {host} cannot be read: {exc.strerror or exc}") from exc
+        is_root = guest.strip("/") == ""
+        if is_root and not stat.S_ISDIR(st.st_mode):
+            raise InitramfsError(f"only a directory can be added at '/', not {host}")
         if stat.S_ISLNK(st.st_mode):
             self.put(guest, _Entry("symlink", target=os.readlink(host)))
         elif stat.S_ISDIR(st.st_mode):
-            self.put(guest, _Entry("dir", stat.S_IMODE(st.st_mode)))
+            if not is_root:
+                self.put(guest, _Entry("dir", stat.S_IMODE(st.st_mode)))
             try:
                 children = sorted(os.listdir(host))
             except OSError as exc:
                 raise InitramfsError(f"host directory {host} cannot be listed: {exc.strerror}") from exc
+            prefix = "" if is_root else _check_name(guest) + "/"
             for child in children:
-                self.add_host(host / child, f"{_check_name(guest)}/{child}")
+                self.add_host(host / child, prefix + child)
         elif stat.S_ISREG(st.st_mode):
             self.put(guest, _Entry("file", stat.S_IMODE(st.st_mode), host=host))
         else:
@@ -296,8 +305,7 @@ def _is_static(path: Path) -> bool:
             head = f.read(64)
             if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2:  # 64-bit ELF only
                 return False
-            little = head[5] == 1
-            order = "little" if little else "big"
+            order: Literal["little", "big"] = "little" if head[5] == 1 else "big"
             phoff = int.from_bytes(head[32:40], order)
             phentsize = int.from_bytes(head[54:56], order)
             phnum = int.from_bytes(head[56:58], order)
@@ -332,13 +340,20 @@ def _applets(busybox: Path) -> list[str]:
 
 
 def parse_add(spec: str) -> tuple[Path, str]:
-    """Parse ``HOST_PATH:GUEST_PATH`` (the guest path is absolute; the last ':' separates them)."""
+    """Parse ``HOST_PATH:GUEST_PATH`` (the guest path is absolute; the last ':' separates them).
+
+    ``HOST_DIR:/`` merges a host directory's contents into the archive's root.
+    """
     host, sep, guest = spec.rpartition(":")
     if not sep or not host or not guest:
         raise InitramfsError(f"bad --add {spec!r}: expected HOST_PATH:GUEST_PATH")
     if not guest.startswith("/"):
         raise InitramfsError(f"bad --add {spec!r}: the guest path {guest!r} must be absolute")
-    _check_name(guest)
+    if guest.strip("/"):
+        try:
+            _check_name(guest)
+        except InitramfsError as exc:
+            raise InitramfsError(f"bad --add {spec!r}: {exc}") from exc
     return Path(host), guest
 
 
@@ -427,8 +442,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     build.add_argument("--output", "-o", type=Path, default=Path("initramfs.cpio"), metavar="PATH",
                        help="archive to write (default: initramfs.cpio in the current directory)")
     build.add_argument("--add", action="append", default=[], metavar="HOST:GUEST",
-                       help="add a host file or directory (recursively) at an absolute guest path "
-                            "(repeatable)")
+                       help="add a host file or directory (recursively) at an absolute guest path; "
+                            "DIR:/ merges DIR into the root (repeatable)")
     build.add_argument("--init", type=Path, metavar="SCRIPT",
                        help="install SCRIPT as /init (mode 0755) instead of the default init; busybox's "
                             "/bin/sh and applets are there")
