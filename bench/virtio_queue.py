@@ -91,7 +91,7 @@ class Bench:
         """Publish every request, kick, check: the seconds the kick took."""
         mq, mm = self.mq, self.region.mm
         spr, cap = self.sectors_per_req, self.capacity
-        for head, hdr, st in zip(self.heads, self.header_addrs, self.status_addrs):
+        for head, hdr, st in zip(self.heads, self.header_addrs, self.status_addrs, strict=True):
             REQ_HEADER.pack_into(mm, hdr, self.rtype, 0, self.sector)
             mm[st] = 0xFF
             self.sector = 0 if self.sector + 2 * spr > cap else self.sector + spr

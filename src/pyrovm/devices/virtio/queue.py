@@ -20,7 +20,9 @@ Everything the guest controls is checked.  Two kinds of errors come out:
 from __future__ import annotations
 
 import struct
+import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -39,6 +41,10 @@ DESC_SIZE = 16
 MAX_QUEUE_SIZE = 32768
 #: Largest indirect table: ``next`` is a u16, so more entries could never be reached.
 MAX_INDIRECT_ENTRIES = 65536
+
+# The rings are read and written through native-order typed views (single aligned loads and stores).
+if sys.byteorder != "little":  # pragma: no cover - KVM on x86-64 only
+    raise ImportError("pyrovm's virtqueues need a little-endian host")
 
 _FENCE = threading.Lock()
 
@@ -153,7 +159,7 @@ class QueueState:
 class DescriptorChain:
     """One request: its head index and its device-readable then device-writable buffers ``(gpa, len)``."""
 
-    __slots__ = ("head", "memory", "readable", "writable")
+    __slots__ = ("head", "memory", "readable", "view", "writable")
 
     def __init__(
         self,
@@ -161,41 +167,51 @@ class DescriptorChain:
         head: int,
         readable: list[tuple[int, int]],
         writable: list[tuple[int, int]],
+        view: Callable[[int, int], memoryview] | None = None,
     ) -> None:
         self.memory = memory
         self.head = head
         self.readable = readable
         self.writable = writable
+        #: ``view(gpa, length)``: a bounds-checked zero-copy view of guest memory (the queue's fast one).
+        self.view = view if view is not None else memory.view
 
     def __repr__(self) -> str:
         return f"DescriptorChain(head={self.head}, readable={self.readable}, writable={self.writable})"
 
     @property
     def readable_len(self) -> int:
-        return sum(n for _, n in self.readable)
+        total = 0
+        for _, n in self.readable:
+            total += n
+        return total
 
     @property
     def writable_len(self) -> int:
-        return sum(n for _, n in self.writable)
+        total = 0
+        for _, n in self.writable:
+            total += n
+        return total
 
     def readable_views(self) -> list[memoryview]:
         """Zero-copy views of the device-readable buffers, in order."""
-        view = self.memory.view
+        view = self.view
         return [view(gpa, n) for gpa, n in self.readable]
 
     def writable_views(self) -> list[memoryview]:
         """Zero-copy views of the device-writable buffers, in order."""
-        view = self.memory.view
+        view = self.view
         return [view(gpa, n) for gpa, n in self.writable]
 
     def read_prefix(self, length: int) -> bytes | memoryview:
         """The first *length* readable bytes (a view when they lie in one buffer); shorter if the chain is."""
-        if self.readable and self.readable[0][1] >= length:
-            return self.memory.view(self.readable[0][0], length)
+        readable = self.readable
+        if readable and readable[0][1] >= length:
+            return self.view(readable[0][0], length)
         out = bytearray()
-        for gpa, n in self.readable:
+        for gpa, n in readable:
             take = min(n, length - len(out))
-            out += self.memory.view(gpa, take)
+            out += self.view(gpa, take)
             if len(out) == length:
                 break
         return bytes(out)
@@ -211,7 +227,7 @@ class DescriptorChain:
             take = min(n - offset, len(src) - done)
             if take <= 0:
                 break
-            self.memory.view(gpa + offset, take)[:] = src[done : done + take]
+            self.view(gpa + offset, take)[:] = src[done : done + take]
             done += take
             offset = 0
         return done
@@ -246,7 +262,12 @@ def _is_pow2(n: int) -> bool:
 
 
 class SplitQueue:
-    """A split virtqueue living in guest memory."""
+    """A split virtqueue living in guest memory.
+
+    The hot path avoids per-request lookups: the ring fields are read and written through typed
+    ``memoryview.cast`` views made once here (aligned 2- and 4-byte loads and stores, as the driver does),
+    and buffer bounds are checked against the single RAM region inline when guest memory is one region.
+    """
 
     def __init__(
         self,
@@ -279,54 +300,88 @@ class SplitQueue:
         self.memory = memory
         self.state = state
         self.size = size
+        self._mask = size - 1
         self.event_idx = event_idx
         self.indirect = indirect
         self._desc, self._avail, self._used = views
-        self._used_event_off = 4 + 2 * size
-        self._avail_event_off = 4 + 8 * size
+        avail, used = self._avail, self._used
+        # Typed views (native byte order, checked little-endian above): [0] flags, [1] idx.
+        self._avail_hdr = avail[0:4].cast("H")
+        self._avail_ring = avail[4 : 4 + 2 * size].cast("H")
+        self._used_hdr = used[0:4].cast("H")
+        self._used_ring = used[4 : 4 + 8 * size].cast("I")  # [2i] id, [2i + 1] len
+        self._used_event = avail[4 + 2 * size : 4 + 2 * size + extra].cast("H")
+        self._avail_event = used[4 + 8 * size : 4 + 8 * size + extra].cast("H")
+        self._typed = (
+            self._avail_hdr,
+            self._avail_ring,
+            self._used_hdr,
+            self._used_ring,
+            self._used_event,
+            self._avail_event,
+        )
+        regions = memory.regions
+        if len(regions) == 1:
+            r = regions[0]
+            self._ram_lo: int | None = r.guest_addr
+            self._ram_hi = r.guest_addr + r.size
+        else:
+            self._ram_lo = None
+            self._ram_hi = 0
+        self._view = _fast_viewer(memory)
         self._added = 0  # used entries added since the last needs_notification()
 
     # -- driver -> device ---------------------------------------------------------------------------
     def avail_idx(self) -> int:
         """The driver's avail index (free-running u16)."""
-        return _U16.unpack_from(self._avail, 2)[0]
+        return self._avail_hdr[1]
 
     def pending(self) -> int:
         """How many chains are available and not yet popped.  Raises :class:`AvailIndexError`."""
-        n = (self.avail_idx() - self.state.next_avail) & 0xFFFF
+        idx = self._avail_hdr[1]
+        n = (idx - self.state.next_avail) & 0xFFFF
         if n > self.size:
             raise AvailIndexError(
-                f"avail index {self.avail_idx()} is {n} ahead of the device ({self.state.next_avail}), "
+                f"avail index {idx} is {n} ahead of the device ({self.state.next_avail}), "
                 f"more than the queue size {self.size}"
             )
         return n
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None.  Raises :class:`ChainError` (chain consumed) or fatal errors."""
-        if not self.pending():
-            return None
         st = self.state
-        head = _U16.unpack_from(self._avail, 4 + 2 * (st.next_avail % self.size))[0]
+        next_avail = st.next_avail
+        idx = self._avail_hdr[1]  # one load: the driver may be moving it
+        n = (idx - next_avail) & 0xFFFF
+        if not n:
+            return None
+        if n > self.size:
+            raise AvailIndexError(
+                f"avail index {idx} is {n} ahead of the device ({next_avail}), "
+                f"more than the queue size {self.size}"
+            )
+        head = self._avail_ring[next_avail & self._mask]
         if head >= self.size:
             raise HeadIndexError(f"avail ring entry names descriptor {head}, queue size is {self.size}")
-        st.next_avail = (st.next_avail + 1) & 0xFFFF
+        st.next_avail = (next_avail + 1) & 0xFFFF
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
         self._walk(head, readable, writable)
-        return DescriptorChain(self.memory, head, readable, writable)
+        return DescriptorChain(self.memory, head, readable, writable, self._view)
 
     def undo_pop(self) -> None:
         """Give back the last popped chain: the next :meth:`pop` returns it again."""
         self.state.next_avail = (self.state.next_avail - 1) & 0xFFFF
 
     def _walk(self, head: int, readable: list[tuple[int, int]], writable: list[tuple[int, int]]) -> None:
-        memory = self.memory
         table = self._desc
         table_size = self.size
-        ttl = self.size
+        ttl = table_size
         index = head
         in_indirect = False
         unpack = _DESC.unpack_from
+        lo = self._ram_lo
+        hi = self._ram_hi
         while True:
             if ttl == 0:
                 raise ChainLoopError(head, f"more than {table_size} descriptors: the chain loops")
@@ -342,7 +397,7 @@ class SplitQueue:
                 if length == 0 or length % DESC_SIZE or length > MAX_INDIRECT_ENTRIES * DESC_SIZE:
                     raise IndirectLengthError(head, f"indirect table length {length} is invalid")
                 try:
-                    table = memory.view(addr, length)
+                    table = self._view(addr, length)
                 except GuestMemoryError:
                     raise DescriptorOutOfRangeError(
                         head, f"indirect table {addr:#x}+{length:#x} outside guest RAM"
@@ -351,7 +406,11 @@ class SplitQueue:
                 index = 0
                 in_indirect = True
                 continue
-            if not memory.contains(addr, length):
+            if (
+                (addr < lo or addr + length > hi)
+                if lo is not None
+                else not self.memory.contains(addr, length)
+            ):
                 raise DescriptorOutOfRangeError(head, f"buffer {addr:#x}+{length:#x} outside guest RAM")
             if flags & VIRTQ_DESC_F_WRITE:
                 writable.append((addr, length))
@@ -367,15 +426,22 @@ class SplitQueue:
 
     # -- device -> driver ---------------------------------------------------------------------------
     def add_used(self, head: int, written_len: int) -> None:
-        """Return chain *head* to the driver with *written_len* bytes written into its writable buffers."""
+        """Return chain *head* to the driver with *written_len* bytes written into its writable buffers.
+
+        The used index is published at once, so a polling driver can reuse the chain while the device
+        goes on with the next one.
+        """
         if not 0 <= head < self.size:
             raise ValueError(f"head {head} outside queue of size {self.size}")
         st = self.state
-        _USED_ELEM.pack_into(self._used, 4 + 8 * (st.next_used % self.size), head, written_len & 0xFFFFFFFF)
-        st.next_used = (st.next_used + 1) & 0xFFFF
+        i = (st.next_used & self._mask) << 1
+        ring = self._used_ring
+        ring[i] = head
+        ring[i + 1] = written_len & 0xFFFFFFFF
+        st.next_used = used = (st.next_used + 1) & 0xFFFF
         self._added += 1
         # The element is written before the index that publishes it (x86 stores are not reordered).
-        _U16.pack_into(self._used, 2, st.next_used)
+        self._used_hdr[1] = used
 
     def needs_notification(self) -> bool:
         """Whether the driver wants an interrupt for the used buffers added since the last call."""
@@ -388,35 +454,52 @@ class SplitQueue:
         self._added = 0
         full_barrier()  # the used index store must be visible before we read the driver's flags/used_event
         if not self.event_idx:
-            return not _U16.unpack_from(self._avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+            return not self._avail_hdr[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
         if old is None:
             return True
-        used_event = _U16.unpack_from(self._avail, self._used_event_off)[0]
+        used_event = self._used_event[0]
         # vring_need_event(): notify when used_event lies in [old, new)
         return (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
 
     def disable_notification(self) -> None:
         """Ask the driver not to kick while the device is busy draining the queue."""
         if not self.event_idx:
-            _U16.pack_into(self._used, 0, VIRTQ_USED_F_NO_NOTIFY)
+            self._used_hdr[0] = VIRTQ_USED_F_NO_NOTIFY
 
     def enable_notification(self) -> bool:
         """Ask for kicks again; True when more chains arrived meanwhile (drain again before sleeping)."""
         if self.event_idx:
-            _U16.pack_into(self._used, self._avail_event_off, self.state.next_avail)
+            self._avail_event[0] = self.state.next_avail
         else:
-            _U16.pack_into(self._used, 0, 0)
+            self._used_hdr[0] = 0
         full_barrier()  # publish avail_event / flags before re-reading the avail index
-        return self.avail_idx() != self.state.next_avail
+        return self._avail_hdr[1] != self.state.next_avail
 
     def used_flags(self) -> int:
-        return _U16.unpack_from(self._used, 0)[0]
+        return self._used_hdr[0]
 
     def avail_event(self) -> int:
         """The avail_event field the device publishes (EVENT_IDX only)."""
-        return _U16.unpack_from(self._used, self._avail_event_off)[0]
+        return self._avail_event[0]
 
     def release(self) -> None:
         """Drop the views of guest memory (after reset)."""
-        for v in (self._desc, self._avail, self._used):
+        for v in (*self._typed, self._desc, self._avail, self._used):
             v.release()
+
+
+def _fast_viewer(memory: GuestMemory) -> Callable[[int, int], memoryview]:
+    """``memory.view`` with the region lookup done once when guest RAM is a single region."""
+    regions = memory.regions
+    if len(regions) != 1:
+        return memory.view
+    region = regions[0]
+    base, size, ram = region.guest_addr, region.size, region.view
+
+    def view(gpa: int, length: int) -> memoryview:
+        off = gpa - base
+        if off < 0 or length < 0 or off + length > size:
+            raise GuestMemoryError(f"guest address range {gpa:#x}+{length:#x} is outside guest RAM")
+        return ram[off : off + length]
+
+    return view
