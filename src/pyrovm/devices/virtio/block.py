@@ -15,6 +15,7 @@ import errno
 import fcntl
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 from pyrovm.devices.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice
@@ -112,28 +113,47 @@ class _Status(Exception):
         self.status = status
 
 
-def _preadv_full(fd: int, views: list[memoryview], offset: int) -> int:
-    total = 0
-    while views:
-        batch = views[:_IOV_MAX]
-        want = sum(v.nbytes for v in batch)
-        n = os.preadv(fd, batch, offset)
+def _preadv_full(fd: int, views: list[memoryview], offset: int, nbytes: int) -> int:
+    """Read *nbytes* (the total size of *views*) at *offset*: one ``preadv`` unless it comes up short."""
+    if not nbytes:
+        return 0
+    if len(views) <= _IOV_MAX:
+        n = os.preadv(fd, views, offset)
+        if n == nbytes:
+            return n
         if n <= 0:
             raise OSError(errno.EIO, "unexpected end of disk image")
-        total += n
-        offset += n
-        views = views[len(batch) :] if n == want else split_views(views, n)[1]
-    return total
+        return n + _rw_rest(
+            os.preadv, fd, split_views(views, n)[1], offset + n, "unexpected end of disk image"
+        )
+    return _rw_rest(os.preadv, fd, views, offset, "unexpected end of disk image")
 
 
-def _pwritev_full(fd: int, views: list[memoryview], offset: int) -> int:
+def _pwritev_full(fd: int, views: list[memoryview], offset: int, nbytes: int) -> int:
+    """Write *views* (*nbytes* in all) at *offset*: one ``pwritev`` unless it comes up short."""
+    if not nbytes:
+        return 0
+    if len(views) <= _IOV_MAX:
+        n = os.pwritev(fd, views, offset)
+        if n == nbytes:
+            return n
+        if n <= 0:
+            raise OSError(errno.EIO, "short write to disk image")
+        return n + _rw_rest(os.pwritev, fd, split_views(views, n)[1], offset + n, "short write to disk image")
+    return _rw_rest(os.pwritev, fd, views, offset, "short write to disk image")
+
+
+def _rw_rest(
+    op: Callable[[int, list[memoryview], int], int], fd: int, views: list[memoryview], offset: int, why: str
+) -> int:
+    """Transfer *views* at *offset* in batches of at most IOV_MAX, resuming after short transfers."""
     total = 0
     while views:
         batch = views[:_IOV_MAX]
         want = sum(v.nbytes for v in batch)
-        n = os.pwritev(fd, batch, offset)
+        n = op(fd, batch, offset)
         if n <= 0:
-            raise OSError(errno.EIO, "short write to disk image")
+            raise OSError(errno.EIO, why)
         total += n
         offset += n
         views = views[len(batch) :] if n == want else split_views(views, n)[1]
@@ -240,32 +260,57 @@ class VirtioBlock(VirtioDevice):
     def handle_chain(self, queue_index: int, queue: SplitQueue, chain: DescriptorChain) -> int:
         stats = self.stats
         stats.requests += 1
-        if not chain.writable or chain.writable[-1][1] == 0:
+        writable = chain.writable
+        if not writable or writable[-1][1] == 0:
             stats.errors += 1
             self.log_once("no-status", "%s: request without a writable status byte", self.name)
             return 0
-        data_in, status = trim_views(chain.writable_views(), 1)
+        view = chain.view
+        readable = chain.readable
+        # The status byte is the last writable byte; data_in is every writable byte before it.  The usual
+        # layouts (status alone, or one data buffer then the status) skip the generic scatter-list cut.
+        status_gpa, status_len = writable[-1]
+        status_gpa += status_len - 1
+        nw = len(writable)
+        if nw == 1 and status_len == 1:
+            data_in: list[memoryview] = []
+            in_bytes = 0
+        elif nw == 2 and status_len == 1:
+            gpa, in_bytes = writable[0]
+            data_in = [view(gpa, in_bytes)]
+        else:
+            data_in = trim_views(chain.writable_views(), 1)[0]
+            in_bytes = sum(v.nbytes for v in data_in)
         written = 0
         rtype = -1
         try:
-            header = chain.read_prefix(REQ_HEADER.size)
-            if len(header) < REQ_HEADER.size:
-                raise _Status(VIRTIO_BLK_S_IOERR, "request header is not in device-readable buffers")
-            rtype, _, sector = REQ_HEADER.unpack_from(header)
-            extra = chain.readable_len - REQ_HEADER.size
+            if readable and readable[0][1] >= REQ_HEADER.size:
+                rtype, _, sector = REQ_HEADER.unpack_from(view(readable[0][0], REQ_HEADER.size))
+            else:
+                header = chain.read_prefix(REQ_HEADER.size)
+                if len(header) < REQ_HEADER.size:
+                    raise _Status(VIRTIO_BLK_S_IOERR, "request header is not in device-readable buffers")
+                rtype, _, sector = REQ_HEADER.unpack_from(header)
             if rtype == VIRTIO_BLK_T_IN:
-                if extra:
-                    raise _Status(VIRTIO_BLK_S_IOERR, "read request with device-readable data buffers")
-                written = self._read(sector, data_in)
+                if len(readable) != 1 or readable[0][1] != REQ_HEADER.size:
+                    if chain.readable_len != REQ_HEADER.size:
+                        raise _Status(VIRTIO_BLK_S_IOERR, "read request with device-readable data buffers")
+                written = self._read(sector, data_in, in_bytes)
             elif rtype == VIRTIO_BLK_T_OUT:
                 if data_in:
                     raise _Status(VIRTIO_BLK_S_IOERR, "write request with device-writable data buffers")
-                self._write(sector, split_views(chain.readable_views(), REQ_HEADER.size)[1])
+                if len(readable) == 2 and readable[0][1] == REQ_HEADER.size:
+                    gpa, out_bytes = readable[1]
+                    data_out = [view(gpa, out_bytes)]
+                else:
+                    data_out = split_views(chain.readable_views(), REQ_HEADER.size)[1]
+                    out_bytes = sum(v.nbytes for v in data_out)
+                self._write(sector, data_out, out_bytes)
             elif rtype == VIRTIO_BLK_T_FLUSH:
                 if not self.read_only:
                     os.fsync(self.fd)
             elif rtype == VIRTIO_BLK_T_GET_ID:
-                written = chain.write_to_writable(self.serial[: sum(v.nbytes for v in data_in)])
+                written = chain.write_to_writable(self.serial[:in_bytes])
             elif rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
                 self._discard_or_zero(rtype, chain)
             else:
@@ -280,7 +325,7 @@ class VirtioBlock(VirtioDevice):
             code = VIRTIO_BLK_S_IOERR
             stats.errors += 1
             self.log_once(f"oserror:{e.errno}", "%s: I/O error: %s", self.name, e)
-        status[-1][0] = code
+        view(status_gpa, 1)[0] = code
         return written + 1
 
     def _check_range(self, sector: int, nbytes: int) -> int:
@@ -293,19 +338,17 @@ class VirtioBlock(VirtioDevice):
             )
         return offset
 
-    def _read(self, sector: int, views: list[memoryview]) -> int:
-        nbytes = sum(v.nbytes for v in views)
+    def _read(self, sector: int, views: list[memoryview], nbytes: int) -> int:
         offset = self._check_range(sector, nbytes)
-        n = _preadv_full(self.fd, views, offset)
+        n = _preadv_full(self.fd, views, offset, nbytes)
         self.stats.bytes_read += n
         return n
 
-    def _write(self, sector: int, views: list[memoryview]) -> None:
+    def _write(self, sector: int, views: list[memoryview], nbytes: int) -> None:
         if self.read_only:
             raise _Status(VIRTIO_BLK_S_IOERR, "write to a read-only disk")
-        nbytes = sum(v.nbytes for v in views)
         offset = self._check_range(sector, nbytes)
-        self.stats.bytes_written += _pwritev_full(self.fd, views, offset)
+        self.stats.bytes_written += _pwritev_full(self.fd, views, offset, nbytes)
 
     def _discard_or_zero(self, rtype: int, chain: DescriptorChain) -> None:
         zeroes = rtype == VIRTIO_BLK_T_WRITE_ZEROES
