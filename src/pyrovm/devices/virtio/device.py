@@ -127,20 +127,23 @@ class VirtioDevice:
         queue = self.queues[queue_index]
         if queue is None:
             return
+        pop = queue.pop
+        add_used = queue.add_used
+        handle = self.handle_chain
         while True:
             queue.disable_notification()
             while True:
                 try:
-                    chain = queue.pop()
+                    chain = pop()
                 except ChainError as e:
                     self.chain_failed(queue, e)
                     continue
                 if chain is None:
                     break
-                written = self.handle_chain(queue_index, queue, chain)
+                written = handle(queue_index, queue, chain)
                 if written is None:  # deferred: the device put the chain back and will come back to it
                     return
-                queue.add_used(chain.head, written)
+                add_used(chain.head, written)
             if not queue.enable_notification():
                 return
 
