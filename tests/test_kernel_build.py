@@ -210,6 +210,10 @@ def test_real_build() -> None:
     config = kb.parse_config((entry / ".config").read_text())
     wanted = kb.parse_config("".join(text for _, text in kb.fragment_texts(kb.pvm_host())))
     assert kb.check_config(wanted, config) == []
+    system_map = (entry / "System.map").read_text()
+    if kb.pvm_host():  # the PVM variant: no int3 self-test (its asm label would be in System.map)
+        assert "int3_selftest" not in system_map
+        assert config.get("CONFIG_CPU_SUP_AMD", "n") == "n"
     if shutil.which("readelf"):
         notes = subprocess.run(["readelf", "-n", str(vmlinux)], capture_output=True, text=True,
                                check=True).stdout
