@@ -51,6 +51,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             rootfs=args.rootfs,
             rng=args.rng,
             rng_rate=args.rng_rate,
+            host_workarounds=args.host_workarounds,
+            boot_marker=_boot_marker(args),
         )
     except (ConfigError, KernelLoadError, KvmUnavailable, KvmCapabilityError) as exc:
         return _fail(str(exc))
@@ -58,18 +60,37 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return _fail(f"KVM refused to build the VM: {exc}")
     if args.metrics:
         _install_metrics_signal(vm, args.metrics)
+    timing = _BootTiming(vm, args) if args.boot_timer or args.boot_marker else None
+    terminal = None
+    stopped_by_signal = False
+    old_handlers = _install_stop_signals()
     try:
+        if args.console == "stdio":
+            from .terminal import Terminal
+
+            terminal = Terminal(vm.send_input, lambda: vm.stop(ExitReason.STOPPED, "quit (Ctrl-A x)"))
+            terminal.start()
         vm.start()
         result = vm.wait(args.timeout)
     except KeyboardInterrupt:
         result = vm.stop(ExitReason.STOPPED, "interrupted")
         result.exit_code = ExitCode.INTERRUPTED
+        stopped_by_signal = True
+    except _Terminated as exc:
+        result = vm.stop(ExitReason.STOPPED, f"terminated by signal {exc.signum}")
+        result.exit_code = 128 + exc.signum
+        stopped_by_signal = True
     finally:
+        if terminal is not None:
+            terminal.stop()
+        _restore_signals(old_handlers)
         if args.metrics:
             _write_metrics(vm, args.metrics)
         vm.close()
-    if result.exit_code == ExitCode.INTERRUPTED:
-        return ExitCode.INTERRUPTED
+    if timing is not None:
+        timing.report_end()
+    if stopped_by_signal:
+        return result.exit_code
     if args.console == "stdio" and not vm.console.data.endswith(b"\n") and vm.console.data:
         sys.stdout.write("\n")
         sys.stdout.flush()
@@ -78,6 +99,76 @@ def _cmd_run(args: argparse.Namespace) -> int:
     elif args.verbose:
         print(f"pyrovm: {result.describe()}", file=sys.stderr)
     return result.exit_code
+
+
+DEFAULT_BOOT_MARKER = "Run /init as init process"
+
+
+class _Terminated(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _install_stop_signals() -> dict[int, object]:
+    """SIGTERM and SIGHUP end the VM like Ctrl-C does (so the terminal is restored and files closed)."""
+    import signal
+
+    def handler(signum: int, frame: object) -> None:
+        raise _Terminated(signum)
+
+    old: dict[int, object] = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            old[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            pass
+    return old
+
+
+def _restore_signals(old: dict[int, object]) -> None:
+    import signal
+
+    for sig, handler in old.items():
+        signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+def _boot_marker(args: argparse.Namespace) -> str | None:
+    if args.boot_marker:
+        return str(args.boot_marker)
+    return DEFAULT_BOOT_MARKER if args.boot_timer else None
+
+
+class _BootTiming:
+    """``--boot-timer`` / ``--boot-marker``: times from process start, reported on stderr as they happen."""
+
+    def __init__(self, vm: object, args: argparse.Namespace) -> None:
+        self.vm = vm
+        self.timer = bool(args.boot_timer)
+        vm.on_boot_marker.append(self._marker)  # type: ignore[attr-defined]
+        if self.timer:
+            vm.on_boot_timer.append(self._timer)  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _since_start(when: float) -> float:
+        return when - _START
+
+    def _marker(self, when: float, line: str) -> None:
+        print(f"pyrovm: boot marker after {self._since_start(when):.3f} s: {line.strip()}", file=sys.stderr,
+              flush=True)
+
+    def _timer(self, when: float) -> None:
+        print(f"pyrovm: boot timer after {self._since_start(when):.3f} s (guest wrote 123 to the boot-timer "
+              "device)", file=sys.stderr, flush=True)
+
+    def report_end(self) -> None:
+        vm = self.vm
+        if vm.boot_marker_at is None:  # type: ignore[attr-defined]
+            print("pyrovm: boot marker: no console line matched", file=sys.stderr)
+        if self.timer and vm.boot_timer_at is None:  # type: ignore[attr-defined]
+            print("pyrovm: boot timer: the guest never wrote 123 to the boot-timer device", file=sys.stderr)
+        if vm.ended_at is not None:  # type: ignore[attr-defined]
+            print(f"pyrovm: VM ended after {vm.ended_at - _START:.3f} s", file=sys.stderr)  # type: ignore[attr-defined]
 
 
 def _write_metrics(vm: object, path: str) -> None:
@@ -202,6 +293,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="write JSON counters (exit reason, vCPU exits, per-device requests/bytes/errors/"
         "interrupts) to FILE when the VM ends, and on SIGUSR1",
+    )
+    run.add_argument(
+        "--no-host-workarounds",
+        dest="host_workarounds",
+        action="store_false",
+        help="on a PVM host, boot a Linux kernel as given (no added command-line options, no Intel CPU "
+        "vendor); by default pyrovm adds what Linux needs there",
+    )
+    run.add_argument(
+        "--boot-timer",
+        action="store_true",
+        help="report on stderr the time from start to the guest's write of 123 to the boot-timer device "
+        "(MMIO 0xc0001000) and to the first console line matching --boot-marker",
+    )
+    run.add_argument(
+        "--boot-marker",
+        default=None,
+        metavar="REGEX",
+        help=f"report the time to the first console line matching REGEX (default with --boot-timer: "
+        f"'{DEFAULT_BOOT_MARKER}')",
     )
     run.add_argument("--verbose", "-v", action="store_true", help="report how the VM ended on stderr")
     run.set_defaults(func=_cmd_run)

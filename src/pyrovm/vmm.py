@@ -17,22 +17,26 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from . import host
 from . import kvm as k
-from .arch.x86 import bootparams, cpuid, layout, regs
+from .arch.x86 import bootparams, cpuid, layout, mptable, regs
 from .console import ConsoleLog
+from .devices.boot_timer import BootTimer
 from .devices.bus import Bus
 from .devices.debug_exit import DebugExit
 from .devices.i8042 import I8042
+from .devices.rtc import Rtc
 from .devices.serial import Serial
 from .devices.virtio import BlockError
 from .devmgr import DeviceConfigError, DiskSpec, VirtioManager
 from .kvm import exits as ex
 from .loader import KernelLoadError
+from .loader.bzimage import check_cmdline, is_bzimage, load_bzimage
 from .loader.elf import is_elf, load_elf
 from .memory import GuestMemory
 
@@ -43,6 +47,12 @@ KICK_SIGNAL = signal.SIGRTMIN + 1
 MIN_MEMORY = 8 << 20
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1"
 HALT_POLL_INTERVAL = 0.5
+#: A Linux panic line on the console; the VM ends with ExitReason.PANIC when the guest then resets or
+#: stops, or PANIC_GRACE seconds later (the rest of the panic report is kept in the console log).
+PANIC_RE = re.compile(rb"Kernel panic - not syncing")
+PANIC_GRACE = 10.0
+#: Console lines longer than this are scanned in pieces.
+LINE_LIMIT = 4096
 RFLAGS_IF = 1 << 9
 
 
@@ -192,6 +202,8 @@ class VmConfig:
     rootfs: DiskSpec | None = None
     rng: bool = False
     rng_rate: int | None = None
+    host_workarounds: bool = True
+    boot_marker: str | None = None
 
 
 class VM:
@@ -212,6 +224,8 @@ class VM:
         rootfs: str | DiskSpec | None = None,
         rng: bool = False,
         rng_rate: int | None = None,
+        host_workarounds: bool = True,
+        boot_marker: str | None = None,
     ) -> None:
         """Check the configuration and build the VM (nothing runs until :meth:`start`).
 
@@ -221,6 +235,14 @@ class VM:
         (``root=/dev/vda rw`` is added unless the command line names a root); *rng*: a virtio-rng device,
         *rng_rate* its byte-rate limit.  Bad input raises :class:`ConfigError`, :class:`KernelLoadError`,
         or :class:`pyrovm.kvm.KvmUnavailable`.
+
+        *host_workarounds*: on a PVM host, boot Linux kernels with the command-line options and CPU vendor
+        they need there (see :mod:`pyrovm.host`); never applied elsewhere or to non-Linux kernels.
+        *boot_marker*: a regular expression; the first console line matching it sets
+        :attr:`boot_marker_at` (``time.monotonic()``).  The first write of 123 to the boot-timer device
+        (:mod:`pyrovm.devices.boot_timer`) sets :attr:`boot_timer_at`.  A console line with
+        ``Kernel panic - not syncing`` ends the VM with :attr:`ExitReason.PANIC` (when the guest then
+        resets, or 10 s later).
         """
         self.config = VmConfig(
             kernel=Path(kernel),
@@ -234,8 +256,24 @@ class VM:
             rootfs=None if rootfs is None else _disk_spec(rootfs),
             rng=rng or rng_rate is not None,
             rng_rate=rng_rate,
+            host_workarounds=host_workarounds,
+            boot_marker=boot_marker,
         )
         self._validate()
+        try:
+            self._boot_marker_re = re.compile(boot_marker.encode()) if boot_marker else None
+        except re.error as exc:
+            raise ConfigError(f"boot marker {boot_marker!r}: not a regular expression ({exc})") from None
+        self._kernel_data = self._read_kernel()
+        self.host_workarounds_applied = self._apply_host_workarounds()
+        self.boot_marker_at: float | None = None
+        self.boot_timer_at: float | None = None
+        #: callables (time, line) and (time,), called from a vCPU thread
+        self.on_boot_marker: list[Callable[[float, str], object]] = []
+        self.on_boot_timer: list[Callable[[float], object]] = []
+        self.panic_message: str | None = None
+        self._line = bytearray()
+        self._panic_timer: threading.Timer | None = None
         self._console_file: BinaryIO | None = None
         self.console = ConsoleLog(self._open_console(console))
         self._lock = threading.Lock()
@@ -325,13 +363,21 @@ class VM:
         self.mmio = Bus("mmio")
         vm = self.vm
         self.serial = Serial(
-            out=self.console.write, irq=lambda level: vm.irq_line(layout.UART_COM1_IRQ, level)
+            out=self._console_out, irq=lambda level: vm.irq_line(layout.UART_COM1_IRQ, level)
         )
         self.pio.register(layout.UART_COM1_PORT, 8, self.serial, "uart0")
         self.i8042 = I8042(on_reset=lambda: self._finish(ExitReason.RESET, "the guest reset the machine"))
         self.pio.register(layout.I8042_PORT, 5, self.i8042, "i8042")
         self.debug_exit = DebugExit(self._on_exit_port)
         self.pio.register(layout.EXIT_PORT, 4, self.debug_exit, "exit-port")
+        self._build_platform_devices()
+
+    def _build_platform_devices(self) -> None:
+        """The CMOS RTC and the boot-timer device (the Linux platform)."""
+        self.rtc = Rtc()
+        self.pio.register(layout.RTC_PORT, 2, self.rtc, "rtc")
+        self.boot_timer = BootTimer(self._on_boot_timer)
+        self.mmio.register(layout.BOOT_TIMER_MMIO_ADDR, 8, self.boot_timer, "boot-timer")
 
     def _build_virtio(self) -> None:
         cfg = self.config
@@ -369,20 +415,48 @@ class VM:
             self.stats.append(VcpuStats())
             self._halted.append(False)
 
+    def _read_kernel(self) -> bytes:
+        try:
+            return self.config.kernel.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"kernel {self.config.kernel}: {exc.strerror}") from None
+
+    def _apply_host_workarounds(self) -> bool:
+        """On a PVM host, give a Linux kernel the command line and CPU vendor it needs there."""
+        cfg = self.config
+        if not host.workarounds_apply(self._kernel_data, cfg.host_workarounds):
+            return False
+        host.warn_once()
+        cfg.cmdline = host.pvm_cmdline(cfg.cmdline)
+        if cfg.cpu_vendor is None:
+            cfg.cpu_vendor = host.PVM_CPU_VENDOR
+        return True
+
     def _load(self) -> None:
         cfg = self.config
-        try:
-            data = cfg.kernel.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"kernel {cfg.kernel}: {exc.strerror}") from None
+        data = self._kernel_data
         cmdline = self.cmdline.encode()
+        e820 = bootparams.e820_map(layout.ram_layout(cfg.memory))
+        mptable.write(self.memory, cfg.cpus)
+        if is_bzimage(data):
+            if cfg.boot == "pvh":
+                raise KernelLoadError(f"{cfg.kernel}: a bzImage has no PVH entry (boot the vmlinux for PVH)")
+            bz = load_bzimage(self.memory, data, str(cfg.kernel))
+            check_cmdline(bz.header, cmdline, str(cfg.kernel))
+            cmdline_addr = bootparams.write_cmdline(self.memory, cmdline)
+            initrd = self._load_initrd(bz.load_end, bz.header.initrd_addr_max)
+            bootparams.write_zero_page(
+                self.memory, e820, cmdline_addr, bz.header.cmdline_size, bz.header.setup_header, initrd
+            )
+            regs.setup_long_mode(self.vcpus[0], self.memory, bz.entry64)
+            self.boot_mode = "bzimage"
+            return
         if not is_elf(data):
             raise KernelLoadError(
                 f"{cfg.kernel}: not a kernel pyrovm can boot (not an ELF with a PVH note "
                 "or 64-bit entry, not a bzImage)"
             )
         kernel = load_elf(self.memory, data, str(cfg.kernel))
-        e820 = bootparams.e820_map(layout.ram_layout(cfg.memory))
         cmdline_addr = bootparams.write_cmdline(self.memory, cmdline)
         initrd = self._load_initrd(kernel.load_end)
         boot = cfg.boot
@@ -399,20 +473,53 @@ class VM:
             regs.setup_long_mode(self.vcpus[0], self.memory, kernel.entry64)
         self.boot_mode = boot
 
-    def _load_initrd(self, kernel_end: int) -> tuple[int, int] | None:
+    def _load_initrd(self, kernel_end: int, max_addr: int = 0xFFFFFFFF) -> tuple[int, int] | None:
+        """Put the initrd at the top of low RAM, its last byte at or below *max_addr* (the kernel's
+        ``initrd_addr_max``)."""
         path = self.config.initrd
         if path is None:
             return None
-        data = path.read_bytes()
-        low_end = self.memory.regions[0].end
-        addr = (low_end - len(data)) & ~(layout.INITRD_ALIGN - 1)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"initrd {path}: {exc.strerror}") from None
+        top = min(self.memory.regions[0].end, max_addr + 1)
+        addr = (top - len(data)) & ~(layout.INITRD_ALIGN - 1)
         if addr < kernel_end:
             raise ConfigError(
-                f"initrd {path} ({len(data)} bytes) does not fit in guest memory above the kernel: "
-                "give the VM more memory"
+                f"initrd {path} ({len(data)} bytes) does not fit in guest memory between the kernel "
+                f"(up to {kernel_end:#x}) and {top:#x}: give the VM more memory or use a smaller initrd"
             )
         self.memory.write(addr, data)
         return addr, len(data)
+
+    # -- console watching ------------------------------------------------------------------------------
+    def _console_out(self, data: bytes) -> None:
+        """UART output: into the console log; whole lines also to :meth:`_on_console_line`."""
+        self.console.write(data)
+        line = self._line
+        line += data
+        if b"\n" in data or len(line) > LINE_LIMIT:
+            self._line = bytearray()
+            self._on_console_line(bytes(line))
+
+    def _on_console_line(self, line: bytes) -> None:
+        rx = self._boot_marker_re
+        if rx is not None and self.boot_marker_at is None and rx.search(line):
+            self.boot_marker_at = now = time.monotonic()
+            for cb in self.on_boot_marker:
+                cb(now, line.decode("utf-8", "replace").rstrip())
+        if self.panic_message is None and PANIC_RE.search(line):
+            self.panic_message = line.decode("utf-8", "replace").strip()
+            timer = threading.Timer(PANIC_GRACE, self._finish, (ExitReason.PANIC, self.panic_message))
+            timer.daemon = True
+            self._panic_timer = timer
+            timer.start()
+
+    def _on_boot_timer(self, when: float) -> None:
+        self.boot_timer_at = when
+        for cb in self.on_boot_timer:
+            cb(when)
 
     # -- running ---------------------------------------------------------------------------------------
     def start(self) -> VM:
@@ -542,6 +649,12 @@ class VM:
         with self._lock:
             if self._exit is not None:
                 return
+            if self.panic_message is not None and reason not in (
+                ExitReason.PANIC, ExitReason.STOPPED, ExitReason.TIMEOUT, ExitReason.VMM_ERROR
+            ):
+                # the guest panicked, then reset, halted or crashed: report the panic
+                message = f"{self.panic_message} (then: {message or reason.value})"
+                reason = ExitReason.PANIC
             code = ((guest_status << 1) | 1) & 0xFF if reason is ExitReason.EXIT_PORT else _CODES[reason]
             result = VmExit(reason, int(code), guest_status, message, vcpu_index)
             if vcpu is not None:
@@ -549,6 +662,8 @@ class VM:
             self._exit = result
             self._stopping = True
         self.ended_at = time.monotonic()
+        if self._panic_timer is not None:
+            self._panic_timer.cancel()
         self._kick_all()
         threading.Thread(target=self._reap, name="vm-reaper", daemon=True).start()
 

@@ -36,6 +36,8 @@ MMIO_GAP_START = 0xC000_0000  # 3 GiB
 MMIO_GAP_END = 0x1_0000_0000  # 4 GiB
 #: An address in the device hole that no device claims (the test guest's MMIO exit benchmark).
 UNCLAIMED_MMIO_ADDR = 0xC000_0000
+#: Boot-timer device (pyrovm.devices.boot_timer): the guest writes the byte 123 here once booted.
+BOOT_TIMER_MMIO_ADDR = 0xC000_1000
 VIRTIO_MMIO_BASE = 0xD000_0000
 VIRTIO_MMIO_SLOT_SIZE = 0x1000
 VIRTIO_MMIO_MAX_SLOTS = 64
