@@ -3,9 +3,14 @@
 Written at :data:`layout.MPTABLE_START` (the last KiB of base memory, where Linux's ``smp_scan_config``
 looks): a 16-byte floating pointer ``_MP_`` followed by the configuration table ``PCMP`` with one processor
 entry per vCPU (APIC ids 0..N-1, the first the bootstrap processor), the ISA bus, the IOAPIC at
-:data:`layout.IOAPIC_ADDR` (id N, 24 pins), an I/O interrupt entry per ISA IRQ 0-15 (ExtINT on 0, INT on
-the rest, edge triggered, active high, to the IOAPIC pin of the same number) and the local interrupts
-(LINT0 ExtINT, LINT1 NMI, to every local APIC).
+:data:`layout.IOAPIC_ADDR` (id N, 24 pins), an I/O interrupt entry per ISA IRQ 0-15 (INT,
+edge triggered, active high, to the IOAPIC pin of the same number) and the local interrupts (LINT0 ExtINT,
+LINT1 NMI, to every local APIC).
+
+IRQ 0 is an INT entry like the others (as Firecracker and Cloud Hypervisor do), not ExtINT: with an ExtINT
+entry on IOAPIC pin 0, Linux 6.1 says "ExtINT not setup in hardware but reported by MP table" and then
+dereferences NULL in its timer check (seen on this project's kernel); KVM routes the PIT (GSI 0) to IOAPIC
+pin 0, so the INT entry is what the hardware does.
 """
 
 from __future__ import annotations
@@ -61,9 +66,9 @@ def build(cpus: int, addr: int = layout.MPTABLE_START) -> bytes:
                                       bytes(8)))
     entries.append(BUS.pack(MP_BUS, ISA_BUS_ID, b"ISA   "))
     entries.append(IOAPIC.pack(MP_IOAPIC, ioapic_id, IOAPIC_VERSION, CPU_ENABLED, layout.IOAPIC_ADDR))
+    flags = IRQ_FLAGS_EDGE_HIGH
     for irq in range(16):
-        kind = MP_IRQ_EXTINT if irq == 0 else MP_IRQ_INT
-        entries.append(INTSRC.pack(MP_INTSRC, kind, IRQ_FLAGS_EDGE_HIGH, ISA_BUS_ID, irq, ioapic_id, irq))
+        entries.append(INTSRC.pack(MP_INTSRC, MP_IRQ_INT, flags, ISA_BUS_ID, irq, ioapic_id, irq))
     entries.append(INTSRC.pack(MP_LINTSRC, MP_IRQ_EXTINT, IRQ_FLAGS_EDGE_HIGH, ISA_BUS_ID, 0, 0xFF, 0))
     entries.append(INTSRC.pack(MP_LINTSRC, MP_IRQ_NMI, IRQ_FLAGS_EDGE_HIGH, ISA_BUS_ID, 0, 0xFF, 1))
     body = b"".join(entries)
