@@ -115,13 +115,38 @@ def test_pvm_patch_applies_once(tmp_path: Path) -> None:
     target = tmp_path / "arch/x86/kernel/alternative.c"
     target.parent.mkdir(parents=True)
     target.write_text(ALTERNATIVE_EXCERPT)
-    (patch,) = kb.PVM_PATCHES
+    patch = kb.PVM_PATCHES[0]
     kb.apply_patch(tmp_path, patch)
     text = target.read_text()
     assert "\tif (0)\n\t\tint3_selftest();\n" in text
     assert "\n\tint3_selftest();" not in text
     with pytest.raises(KernelBuildError, match="occurs 0 times"):  # a second application fails loudly
         kb.apply_patch(tmp_path, patch)
+
+
+FPU_CORE_EXCERPT = """void fpu__drop(struct fpu *fpu)
+{
+\tpreempt_disable();
+
+\tif (fpu == &current->thread.fpu) {
+\t\t/* Ignore delayed exceptions from user space */
+\t\tasm volatile("1: fwait\\n"
+\t\t\t     "2:\\n"
+\t\t\t     _ASM_EXTABLE(1b, 2b));
+\t\tfpregs_deactivate(fpu);
+\t}
+"""
+
+
+def test_pvm_fwait_patch(tmp_path: Path) -> None:
+    target = tmp_path / "arch/x86/kernel/fpu/core.c"
+    target.parent.mkdir(parents=True)
+    target.write_text(FPU_CORE_EXCERPT)
+    kb.apply_patch(tmp_path, kb.PVM_PATCHES[1])
+    text = target.read_text()
+    assert "fwait" not in text.replace("cannot execute fwait", "")
+    assert 'asm volatile("1: nop\\n"' in text
+    assert '"2:\\n"' in text and "_ASM_EXTABLE(1b, 2b)" in text
 
 
 def test_patch_fails_loudly_on_unknown_text(tmp_path: Path) -> None:

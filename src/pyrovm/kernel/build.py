@@ -105,6 +105,16 @@ PVM_PATCHES: tuple[SourcePatch, ...] = (
         ),
         reason="compile out int3_selftest() in alternative_instructions(): PVM cannot emulate int3 at CPL0",
     ),
+    SourcePatch(
+        path="arch/x86/kernel/fpu/core.c",
+        old='\t\t/* Ignore delayed exceptions from user space */\n\t\tasm volatile("1: fwait\\n"\n',
+        new=(
+            "\t\t/* pyrovm: PVM's CPL0 emulator cannot execute fwait (an exiting task that owns the FPU\n"
+            "\t\t * ended the VM with an emulation failure); user space cannot run there anyway. */\n"
+            '\t\tasm volatile("1: nop\\n"\n'
+        ),
+        reason="fpu__drop(): PVM cannot emulate fwait at CPL0 (hit when a task that used the FPU exits)",
+    ),
 )
 
 
