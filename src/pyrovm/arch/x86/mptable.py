@@ -49,7 +49,7 @@ IOAPIC = struct.Struct("<BBBBI")  # 8
 INTSRC = struct.Struct("<BBHBBBB")  # 8 (also local interrupts)
 
 
-def _checksum_byte(data: bytes) -> int:
+def _checksum_byte(data: bytes | bytearray) -> int:
     """The byte that makes *data* (with that byte as 0) sum to 0 mod 256."""
     return (-sum(data)) & 0xFF
 
