@@ -72,6 +72,7 @@ def test_rng(guest: Path) -> None:
     assert "rng ok 256" in vm.console.text, vm.console.text
     assert result.guest_status == 0
     assert metrics["devices"]["virtio-rng"]["bytes_read"] == 256  # type: ignore[index]
+    assert vm.metrics()["devices"] == metrics["devices"]  # still there after close()
 
 
 def test_two_devices_get_two_slots(guest: Path, tmp_path: Path) -> None:

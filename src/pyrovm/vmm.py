@@ -277,6 +277,7 @@ class VM:
         self._console_file: BinaryIO | None = None
         self.console = ConsoleLog(self._open_console(console))
         self._lock = threading.Lock()
+        self._closed_device_metrics: dict[str, dict[str, int]] = {}
         self._exit: VmExit | None = None
         self._done = threading.Event()
         self._stopping = False
@@ -768,7 +769,7 @@ class VM:
             else (self.ended_at or time.monotonic()) - self.started_at,
             "vcpus": [vars(s).copy() for s in self.stats],
             "vcpu_exits": self.exit_counts(),
-            "devices": virtio.metrics() if virtio is not None else {},
+            "devices": virtio.metrics() if virtio is not None else self._closed_device_metrics,
             "serial": {"tx_bytes": self.serial.state.tx_bytes} if hasattr(self, "serial") else {},
             "pio_unclaimed": self.pio.stats.unclaimed_reads + self.pio.stats.unclaimed_writes
             if hasattr(self, "pio")
@@ -787,6 +788,7 @@ class VM:
             return
         virtio = getattr(self, "virtio", None)
         if virtio is not None:
+            self._closed_device_metrics = virtio.metrics()  # metrics() still answers after close()
             virtio.close()
             self.virtio = None  # type: ignore[assignment]
         vm = getattr(self, "vm", None)
