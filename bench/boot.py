@@ -35,8 +35,9 @@ def run_timed(cmd: list[str], timeout: float) -> tuple[float | None, float, int]
     """(seconds to MARKER, seconds to exit, exit status), from just before the process starts."""
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                            env=env)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env
+    )
     marker_at: list[float] = []
     killer = threading.Timer(timeout, proc.kill)
     killer.start()
@@ -44,7 +45,7 @@ def run_timed(cmd: list[str], timeout: float) -> tuple[float | None, float, int]
         assert proc.stdout is not None
         tail = b""
         for chunk in iter(lambda: proc.stdout.read1(65536), b""):  # type: ignore[union-attr]
-            if not marker_at and MARKER in tail[-len(MARKER):] + chunk:
+            if not marker_at and MARKER in tail[-len(MARKER) :] + chunk:
                 marker_at.append(time.monotonic() - t0)
             tail = (tail + chunk)[-4096:]
         code = proc.wait()
@@ -77,16 +78,54 @@ def main() -> int:
     cmdline = pvm_cmdline(BASE_CMDLINE) if pvm else BASE_CMDLINE
     qemu = shutil.which("qemu-system-x86_64")
 
-    pyrovm_cmd = [sys.executable, "-m", "pyrovm.cli", "run", "--kernel", str(kernel), "--initrd", str(initrd),
-                  "--memory", args.memory, "--cpus", str(args.cpus), "--cmdline", cmdline]
+    pyrovm_cmd = [
+        sys.executable,
+        "-m",
+        "pyrovm.cli",
+        "run",
+        "--kernel",
+        str(kernel),
+        "--initrd",
+        str(initrd),
+        "--memory",
+        args.memory,
+        "--cpus",
+        str(args.cpus),
+        "--cmdline",
+        cmdline,
+    ]
     cpu = "qemu64,-cx16,-xsave,vendor=GenuineIntel" if pvm else "host"
-    qemu_cmd = [qemu or "qemu-system-x86_64", "-M", "microvm,acpi=off", "-cpu", cpu, "-enable-kvm",
-                "-m", args.memory, "-smp", str(args.cpus), "-nodefaults", "-no-user-config", "-no-reboot",
-                "-display", "none", "-serial", "stdio", "-kernel", str(kernel), "-initrd", str(initrd),
-                "-append", cmdline]
+    qemu_cmd = [
+        qemu or "qemu-system-x86_64",
+        "-M",
+        "microvm,acpi=off",
+        "-cpu",
+        cpu,
+        "-enable-kvm",
+        "-m",
+        args.memory,
+        "-smp",
+        str(args.cpus),
+        "-nodefaults",
+        "-no-user-config",
+        "-no-reboot",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-kernel",
+        str(kernel),
+        "-initrd",
+        str(initrd),
+        "-append",
+        cmdline,
+    ]
 
-    print(f"kernel {kernel}\ninitrd {initrd}\ncmdline {cmdline}\n{args.cpus} vCPU(s), {args.memory}, "
-          f"{'PVM host' if pvm else 'KVM host'}, {args.repeat} run(s) each, medians", file=sys.stderr)
+    print(
+        f"kernel {kernel}\ninitrd {initrd}\ncmdline {cmdline}\n{args.cpus} vCPU(s), {args.memory}, "
+        f"{'PVM host' if pvm else 'KVM host'}, {args.repeat} run(s) each, medians",
+        file=sys.stderr,
+    )
     results: dict[str, tuple[float | None, float, int]] = {}
     for name, cmd in (("pyrovm", pyrovm_cmd), ("qemu", qemu_cmd)):
         if name == "qemu" and qemu is None:

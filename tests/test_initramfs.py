@@ -39,23 +39,23 @@ def read_newc(blob: bytes) -> list[Member]:
     off = 0
     while True:
         assert off % 4 == 0, f"header at unaligned offset {off}"
-        assert blob[off:off + 6] == b"070701", f"bad magic at {off}: {blob[off:off + 6]!r}"
-        fields = [int(blob[off + 6 + 8 * i:off + 14 + 8 * i], 16) for i in range(13)]
+        assert blob[off : off + 6] == b"070701", f"bad magic at {off}: {blob[off : off + 6]!r}"
+        fields = [int(blob[off + 6 + 8 * i : off + 14 + 8 * i], 16) for i in range(13)]
         ino, mode, uid, gid, nlink, mtime, size, _maj, _min, rmaj, rmin, namesize, check = fields
         assert check == 0
         name_start = off + 110
-        raw_name = blob[name_start:name_start + namesize]
+        raw_name = blob[name_start : name_start + namesize]
         assert raw_name.endswith(b"\0") and b"\0" not in raw_name[:-1]
         name = raw_name[:-1].decode()
         data_start = name_start + namesize
         padding = (-data_start) % 4
-        assert blob[data_start:data_start + padding] == b"\0" * padding
+        assert blob[data_start : data_start + padding] == b"\0" * padding
         data_start += padding
-        data = blob[data_start:data_start + size]
+        data = blob[data_start : data_start + size]
         assert len(data) == size
         end = data_start + size
         padding = (-end) % 4
-        assert blob[end:end + padding] == b"\0" * padding
+        assert blob[end : end + padding] == b"\0" * padding
         members.append(Member(name, ino, mode, uid, gid, nlink, mtime, (rmaj, rmin), data, off))
         off = end + padding
         if name == "TRAILER!!!":
@@ -89,8 +89,17 @@ def write_sample() -> bytes:
 def test_writer_entries_round_trip() -> None:
     members = read_newc(write_sample())
     names = [m.name for m in members]
-    assert names == ["dev", "etc", "etc/hello.txt", "etc/empty", "etc/four", "etc/link", "dev/console",
-                     "dev/vda", "TRAILER!!!"]
+    assert names == [
+        "dev",
+        "etc",
+        "etc/hello.txt",
+        "etc/empty",
+        "etc/four",
+        "etc/link",
+        "dev/console",
+        "dev/vda",
+        "TRAILER!!!",
+    ]
     m = by_name(members)
     assert m["dev"].mode == stat.S_IFDIR | 0o755
     assert m["etc"].mode == stat.S_IFDIR | 0o700
@@ -147,10 +156,19 @@ def test_writer_rejects_bad_input() -> None:
 def test_writer_output_readable_by_cpio(tmp_path: Path) -> None:
     archive = tmp_path / "a.cpio"
     archive.write_bytes(write_sample())
-    listing = subprocess.run(["cpio", "-t", "--quiet"], stdin=archive.open("rb"), capture_output=True,
-                             text=True, check=True).stdout.split()
-    assert listing == ["dev", "etc", "etc/hello.txt", "etc/empty", "etc/four", "etc/link", "dev/console",
-                       "dev/vda"]
+    listing = subprocess.run(
+        ["cpio", "-t", "--quiet"], stdin=archive.open("rb"), capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert listing == [
+        "dev",
+        "etc",
+        "etc/hello.txt",
+        "etc/empty",
+        "etc/four",
+        "etc/link",
+        "dev/console",
+        "dev/vda",
+    ]
     out = tmp_path / "out"
     out.mkdir()
     # Extract without device nodes (mknod may be refused): write a copy without them.
@@ -159,8 +177,9 @@ def test_writer_output_readable_by_cpio(tmp_path: Path) -> None:
         w.add_dir("etc", 0o750)
         w.add_file("etc/hello.txt", b"hello", 0o640)
         w.add_symlink("etc/link", "hello.txt")
-    subprocess.run(["cpio", "-i", "-d", "--quiet", "--no-absolute-filenames"], input=buf.getvalue(),
-                   cwd=out, check=True)
+    subprocess.run(
+        ["cpio", "-i", "-d", "--quiet", "--no-absolute-filenames"], input=buf.getvalue(), cwd=out, check=True
+    )
     assert (out / "etc" / "hello.txt").read_bytes() == b"hello"
     assert stat.S_IMODE((out / "etc" / "hello.txt").stat().st_mode) == 0o640
     assert (out / "etc" / "link").readlink() == Path("hello.txt")
@@ -195,8 +214,16 @@ def test_build_layout(tmp_path: Path, fake_busybox: Path) -> None:
     assert init.mode == stat.S_IFREG | 0o755
     text = init.data.decode()
     assert text.startswith("#!/bin/sh\n")
-    for piece in ("mount -t proc", "mount -t sysfs", "mount -t devtmpfs", "pyrovm-init: ready",
-                  "pyrovm.cmd=", "setsid cttyhack sh", "pyrovm-init: exit $code", "poweroff -f"):
+    for piece in (
+        "mount -t proc",
+        "mount -t sysfs",
+        "mount -t devtmpfs",
+        "pyrovm-init: ready",
+        "pyrovm.cmd=",
+        "setsid cttyhack sh",
+        "pyrovm-init: exit $code",
+        "poweroff -f",
+    ):
         assert piece in text, piece
 
 
@@ -221,8 +248,9 @@ def test_build_adds_files_dirs_symlinks(tmp_path: Path, fake_busybox: Path) -> N
     (src / "ln").symlink_to("a.sh")
     single = tmp_path / "single.txt"
     single.write_text("one\n")
-    out = build_initramfs(tmp_path / "i.cpio", [(src, "/opt/tree"), (single, "/etc/single.txt")],
-                          busybox=fake_busybox)
+    out = build_initramfs(
+        tmp_path / "i.cpio", [(src, "/opt/tree"), (single, "/etc/single.txt")], busybox=fake_busybox
+    )
     m = by_name(read_newc(out.read_bytes()))
     assert stat.S_ISDIR(m["opt"].mode) and stat.S_ISDIR(m["opt/tree/sub"].mode)
     assert m["opt/tree/a.sh"].data == b"echo a\n" and stat.S_IMODE(m["opt/tree/a.sh"].mode) == 0o751
@@ -288,13 +316,15 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def test_cli_build(tmp_path: Path, fake_busybox: Path, capsys: pytest.CaptureFixture[str],
-                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_build(
+    tmp_path: Path, fake_busybox: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     extra = tmp_path / "extra.txt"
     extra.write_text("x")
-    args = make_parser().parse_args(["initramfs", "build", "--busybox", str(fake_busybox),
-                                     "--add", f"{extra}:/root/extra.txt"])
+    args = make_parser().parse_args(
+        ["initramfs", "build", "--busybox", str(fake_busybox), "--add", f"{extra}:/root/extra.txt"]
+    )
     assert args.func(args) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1] == "initramfs.cpio"
@@ -303,14 +333,33 @@ def test_cli_build(tmp_path: Path, fake_busybox: Path, capsys: pytest.CaptureFix
 
 
 def test_cli_bad_add(tmp_path: Path, fake_busybox: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = make_parser().parse_args(["initramfs", "build", "--busybox", str(fake_busybox),
-                                     "--output", str(tmp_path / "i.cpio"), "--add", "no-colon"])
+    args = make_parser().parse_args(
+        [
+            "initramfs",
+            "build",
+            "--busybox",
+            str(fake_busybox),
+            "--output",
+            str(tmp_path / "i.cpio"),
+            "--add",
+            "no-colon",
+        ]
+    )
     assert args.func(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "HOST_PATH:GUEST_PATH" in err[0]
-    args = make_parser().parse_args(["initramfs", "build", "--busybox", str(fake_busybox),
-                                     "--output", str(tmp_path / "i.cpio"), "--add",
-                                     f"{tmp_path / 'missing'}:/x"])
+    args = make_parser().parse_args(
+        [
+            "initramfs",
+            "build",
+            "--busybox",
+            str(fake_busybox),
+            "--output",
+            str(tmp_path / "i.cpio"),
+            "--add",
+            f"{tmp_path / 'missing'}:/x",
+        ]
+    )
     assert args.func(args) == 2
     assert "does not exist" in capsys.readouterr().err
 
@@ -319,8 +368,10 @@ def test_cli_bad_add(tmp_path: Path, fake_busybox: Path, capsys: pytest.CaptureF
 # With the real busybox-static
 
 
-@pytest.mark.skipif(not (Path("/bin/busybox").is_file() and initramfs._is_static(Path("/bin/busybox"))),
-                    reason="no static /bin/busybox (Debian busybox-static)")
+@pytest.mark.skipif(
+    not (Path("/bin/busybox").is_file() and initramfs._is_static(Path("/bin/busybox"))),
+    reason="no static /bin/busybox (Debian busybox-static)",
+)
 def test_real_busybox_and_default_init_syntax(tmp_path: Path) -> None:
     out = build_initramfs(tmp_path / "i.cpio")
     m = by_name(read_newc(out.read_bytes()))
@@ -329,17 +380,20 @@ def test_real_busybox_and_default_init_syntax(tmp_path: Path) -> None:
     subprocess.run(["/bin/busybox", "sh", "-n", "-c", initramfs.DEFAULT_INIT], check=True)
 
 
-@pytest.mark.skipif(shutil.which("busybox") is None and not Path("/bin/busybox").exists(),
-                    reason="no busybox to run the init's decoding")
+@pytest.mark.skipif(
+    shutil.which("busybox") is None and not Path("/bin/busybox").exists(),
+    reason="no busybox to run the init's decoding",
+)
 def test_default_init_decodes_percent_escapes() -> None:
     """The /init's pyrovm.cmd decoding (the two lines after 'if [ -n "$cmd" ]'), run in busybox sh."""
     lines = initramfs.DEFAULT_INIT.splitlines()
     start = next(i for i, ln in enumerate(lines) if ln.strip() == 'if [ -n "$cmd" ]; then')
-    decode = "\n".join(ln.strip() for ln in lines[start + 1:start + 3])
+    decode = "\n".join(ln.strip() for ln in lines[start + 1 : start + 3])
     bb = "/bin/busybox" if Path("/bin/busybox").exists() else str(shutil.which("busybox"))
     script = f'cmd="$1"\n{decode}\nprintf "%s" "$cmd"'
-    result = subprocess.run([bb, "sh", "-c", script, "sh", r"echo%20a%25b%27c%27\n"], capture_output=True,
-                            text=True, check=True)
+    result = subprocess.run(
+        [bb, "sh", "-c", script, "sh", r"echo%20a%25b%27c%27\n"], capture_output=True, text=True, check=True
+    )
     assert result.stdout == "echo a%b'c'\\n"
 
 
@@ -354,9 +408,32 @@ def _boot_tcg(kernel: Path, initrd: Path, cmdline: str, timeout: float = 240.0) 
 
     qemu = shutil.which("qemu-system-x86_64")
     assert qemu is not None
-    cmd = [qemu, "-M", "microvm,acpi=off", "-accel", "tcg", "-cpu", "qemu64,vendor=GenuineIntel",
-           "-m", "128M", "-smp", "1", "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none",
-           "-serial", "stdio", "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline]
+    cmd = [
+        qemu,
+        "-M",
+        "microvm,acpi=off",
+        "-accel",
+        "tcg",
+        "-cpu",
+        "qemu64,vendor=GenuineIntel",
+        "-m",
+        "128M",
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-no-reboot",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-kernel",
+        str(kernel),
+        "-initrd",
+        str(initrd),
+        "-append",
+        cmdline,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     assert proc.stdout is not None
     sel = selectors.DefaultSelector()
@@ -380,10 +457,13 @@ def _boot_tcg(kernel: Path, initrd: Path, cmdline: str, timeout: float = 240.0) 
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
-                    reason="QEMU (qemu-system-x86) is not installed")
-@pytest.mark.skipif(not (Path("/bin/busybox").is_file() and initramfs._is_static(Path("/bin/busybox"))),
-                    reason="no static /bin/busybox (Debian busybox-static)")
+@pytest.mark.skipif(
+    shutil.which("qemu-system-x86_64") is None, reason="QEMU (qemu-system-x86) is not installed"
+)
+@pytest.mark.skipif(
+    not (Path("/bin/busybox").is_file() and initramfs._is_static(Path("/bin/busybox"))),
+    reason="no static /bin/busybox (Debian busybox-static)",
+)
 def test_default_init_boots_under_qemu_tcg(tmp_path: Path) -> None:
     from pyrovm.kernel import build as kb
 
@@ -392,7 +472,7 @@ def test_default_init_boots_under_qemu_tcg(tmp_path: Path) -> None:
     bzimage = kb.build_kernel()  # cached after the first build
     payload = tmp_path / "payload"
     payload.mkdir()
-    (payload / "hello.sh").write_text("#!/bin/sh\necho \"hello from $(uname -s) $1\"\nexit 3\n")
+    (payload / "hello.sh").write_text('#!/bin/sh\necho "hello from $(uname -s) $1"\nexit 3\n')
     (payload / "hello.sh").chmod(0o755)
     initrd = build_initramfs(tmp_path / "initramfs.cpio", [(payload, "/opt")])
     console, powered_off = _boot_tcg(

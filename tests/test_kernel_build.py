@@ -49,15 +49,61 @@ def test_check_config_lists_what_did_not_land() -> None:
 
 def test_fragments_hold_the_required_options() -> None:
     normal = kb.parse_config(kb.FRAGMENT.read_text())
-    for name in ("64BIT", "PRINTK", "PRINTK_TIME", "TTY", "SERIAL_8250", "SERIAL_8250_CONSOLE",
-                 "BLK_DEV_INITRD", "RD_GZIP", "BINFMT_ELF", "BINFMT_SCRIPT", "PVH", "HYPERVISOR_GUEST",
-                 "PARAVIRT", "KVM_GUEST", "PROC_FS", "SYSFS", "DEVTMPFS", "DEVTMPFS_MOUNT", "TMPFS", "SMP",
-                 "X86_MPPARSE", "X86_LOCAL_APIC", "X86_IO_APIC", "VIRTIO_MENU", "VIRTIO_MMIO",
-                 "VIRTIO_MMIO_CMDLINE_DEVICES", "BLK_DEV", "VIRTIO_BLK", "NET", "INET", "UNIX", "PACKET",
-                 "NETDEVICES", "NET_CORE", "VIRTIO_NET", "IP_PNP", "IP_PNP_DHCP", "VSOCKETS",
-                 "VIRTIO_VSOCKETS", "HW_RANDOM", "HW_RANDOM_VIRTIO", "EXT4_FS", "SERIO", "SERIO_I8042",
-                 "RTC_CLASS", "RTC_DRV_CMOS", "RTC_HCTOSYS", "MAGIC_SYSRQ", "FUTEX", "EPOLL", "SHMEM",
-                 "MULTIUSER", "POSIX_TIMERS"):
+    for name in (
+        "64BIT",
+        "PRINTK",
+        "PRINTK_TIME",
+        "TTY",
+        "SERIAL_8250",
+        "SERIAL_8250_CONSOLE",
+        "BLK_DEV_INITRD",
+        "RD_GZIP",
+        "BINFMT_ELF",
+        "BINFMT_SCRIPT",
+        "PVH",
+        "HYPERVISOR_GUEST",
+        "PARAVIRT",
+        "KVM_GUEST",
+        "PROC_FS",
+        "SYSFS",
+        "DEVTMPFS",
+        "DEVTMPFS_MOUNT",
+        "TMPFS",
+        "SMP",
+        "X86_MPPARSE",
+        "X86_LOCAL_APIC",
+        "X86_IO_APIC",
+        "VIRTIO_MENU",
+        "VIRTIO_MMIO",
+        "VIRTIO_MMIO_CMDLINE_DEVICES",
+        "BLK_DEV",
+        "VIRTIO_BLK",
+        "NET",
+        "INET",
+        "UNIX",
+        "PACKET",
+        "NETDEVICES",
+        "NET_CORE",
+        "VIRTIO_NET",
+        "IP_PNP",
+        "IP_PNP_DHCP",
+        "VSOCKETS",
+        "VIRTIO_VSOCKETS",
+        "HW_RANDOM",
+        "HW_RANDOM_VIRTIO",
+        "EXT4_FS",
+        "SERIO",
+        "SERIO_I8042",
+        "RTC_CLASS",
+        "RTC_DRV_CMOS",
+        "RTC_HCTOSYS",
+        "MAGIC_SYSRQ",
+        "FUTEX",
+        "EPOLL",
+        "SHMEM",
+        "MULTIUSER",
+        "POSIX_TIMERS",
+    ):
         assert normal.get(f"CONFIG_{name}") == "y", name
     assert normal["CONFIG_RANDOMIZE_BASE"] == "n"
     assert "CONFIG_CPU_SUP_AMD" not in normal
@@ -78,14 +124,13 @@ def test_cache_key_depends_on_every_input() -> None:
     assert len(base) == 64 and int(base, 16) >= 0
     others = {
         kb.cache_key("debian:linux-source-6.1=6.1.2", frags, False, ()),
-        kb.cache_key("debian:linux-source-6.1=6.1.1", [(frags[0][0], frags[0][1] + "CONFIG_X=y\n")], False,
-                     ()),
+        kb.cache_key(
+            "debian:linux-source-6.1=6.1.1", [(frags[0][0], frags[0][1] + "CONFIG_X=y\n")], False, ()
+        ),
         kb.cache_key("debian:linux-source-6.1=6.1.1", frags, True, ()),
         kb.cache_key("debian:linux-source-6.1=6.1.1", frags, False, kb.PVM_PATCHES),
-        kb.cache_key("debian:linux-source-6.1=6.1.1", frags, False,
-                     (SourcePatch("a.c", "x", "y", "r"),)),
-        kb.cache_key("debian:linux-source-6.1=6.1.1", frags, False,
-                     (SourcePatch("a.c", "x", "z", "r"),)),
+        kb.cache_key("debian:linux-source-6.1=6.1.1", frags, False, (SourcePatch("a.c", "x", "y", "r"),)),
+        kb.cache_key("debian:linux-source-6.1=6.1.1", frags, False, (SourcePatch("a.c", "x", "z", "r"),)),
     }
     assert base not in others and len(others) == 6
 
@@ -240,8 +285,9 @@ def test_real_build() -> None:
         assert "int3_selftest" not in system_map
         assert config.get("CONFIG_CPU_SUP_AMD", "n") == "n"
     if shutil.which("readelf"):
-        notes = subprocess.run(["readelf", "-n", str(vmlinux)], capture_output=True, text=True,
-                               check=True).stdout
+        notes = subprocess.run(
+            ["readelf", "-n", str(vmlinux)], capture_output=True, text=True, check=True
+        ).stdout
         assert "Xen" in notes and "0x00000012" in notes  # XEN_ELFNOTE_PHYS32_ENTRY: the PVH entry
     # A second call is a cache hit.
     again: list[str] = []

@@ -56,8 +56,14 @@ def _check_memory(text: str, size_mib: int) -> None:
 
 def test_two_cpus_512m_boot_to_init(kernel: Path, initramfs: Path) -> None:
     """2 vCPUs, 512 MiB: SMP through the MP table, memory, RTC, boot marker, init started."""
-    vm = VM(kernel, memory="512M", cpus=2, initrd=initramfs, boot_marker="Run /init as init process",
-            cmdline="console=ttyS0 reboot=k panic=-1 pyrovm.cmd=echo%20hello-from-init")
+    vm = VM(
+        kernel,
+        memory="512M",
+        cpus=2,
+        initrd=initramfs,
+        boot_marker="Run /init as init process",
+        cmdline="console=ttyS0 reboot=k panic=-1 pyrovm.cmd=echo%20hello-from-init",
+    )
     try:
         vm.start()
         result = vm.wait(BOOT_TIMEOUT)
@@ -89,12 +95,33 @@ def test_one_cpu_128m_init_dies_panics_cli_boot_timer(kernel: Path, tmp_path: Pa
     script.write_text("#!/bin/sh\necho init-exiting\nexit 3\n")
     initrd = build_initramfs(tmp_path / "dying.cpio", init_script=script)
     console = tmp_path / "console.txt"
-    cmd = [sys.executable, "-m", "pyrovm.cli", "run", "--kernel", str(kernel), "--initrd", str(initrd),
-           "--memory", "128M", "--cpus", "1", "--console", f"file:{console}", "--boot-timer",
-           "--timeout", str(BOOT_TIMEOUT)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                          env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
-                          timeout=BOOT_TIMEOUT + 60)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pyrovm.cli",
+        "run",
+        "--kernel",
+        str(kernel),
+        "--initrd",
+        str(initrd),
+        "--memory",
+        "128M",
+        "--cpus",
+        "1",
+        "--console",
+        f"file:{console}",
+        "--boot-timer",
+        "--timeout",
+        str(BOOT_TIMEOUT),
+    ]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
+        timeout=BOOT_TIMEOUT + 60,
+    )
     text = console.read_text(errors="replace")
     assert proc.returncode == 6, f"status {proc.returncode}\n{proc.stderr}" + _tail(text)
     assert "Kernel panic - not syncing" in text and "Attempted to kill init" in text, _tail(text)

@@ -89,7 +89,11 @@ def test_pvh_start_info_fields(mem: GuestMemory) -> None:
     assert memmap == layout.PVH_MEMMAP_ADDR and entries == len(e820)
     for i, ent in enumerate(e820):
         assert struct.unpack("<QQII", mem.read(memmap + 16 * 2 * i // 2 + 8 * i, 24)) == (
-            ent.addr, ent.size, ent.type, 0)
+            ent.addr,
+            ent.size,
+            ent.type,
+            0,
+        )
     assert struct.unpack("<QQQQ", mem.read(modlist, 32))[:2] == (0x2000000, 4096)
 
 
@@ -122,9 +126,17 @@ def test_mptable_bad_checksum() -> None:
 
 
 # -- bzImage header ----------------------------------------------------------------------------------
-def _bzimage(version: int = 0x020F, setup_sects: int = 4, xloadflags: int = 1, cmdline_size: int = 2047,
-             payload: int = 8192, init_size: int = 0x100000, relocatable: bool = False,
-             pref_address: int = 0x1000000, magic: bytes = b"HdrS") -> bytes:
+def _bzimage(
+    version: int = 0x020F,
+    setup_sects: int = 4,
+    xloadflags: int = 1,
+    cmdline_size: int = 2047,
+    payload: int = 8192,
+    init_size: int = 0x100000,
+    relocatable: bool = False,
+    pref_address: int = 0x1000000,
+    magic: bytes = b"HdrS",
+) -> bytes:
     setup_size = ((setup_sects or 4) + 1) * 512
     data = bytearray(setup_size + payload)
     data[0x1F1] = setup_sects
@@ -286,8 +298,23 @@ def test_linux_elf_note_detection(tmp_path: Path) -> None:
     ehsize, phsize = 64, 56
     note = struct.pack("<III", 6, 4, 6) + b"Linux\0\0\0" + bytes(4)
     code_off = ehsize + 2 * phsize + len(note)
-    ehdr = struct.pack("<16sHHIQQQIHHHHHH", b"\x7fELF\x02\x01\x01" + bytes(9), 2, 62, 1, 0x100000, ehsize,
-                       0, 0, ehsize, phsize, 2, 0, 0, 0)
+    ehdr = struct.pack(
+        "<16sHHIQQQIHHHHHH",
+        b"\x7fELF\x02\x01\x01" + bytes(9),
+        2,
+        62,
+        1,
+        0x100000,
+        ehsize,
+        0,
+        0,
+        ehsize,
+        phsize,
+        2,
+        0,
+        0,
+        0,
+    )
     ph = struct.pack("<IIQQQQQQ", 1, 7, code_off, 0x100000, 0x100000, 1, 1, 0x1000)
     ph += struct.pack("<IIQQQQQQ", 4, 4, ehsize + 2 * phsize, 0, 0, len(note), len(note), 4)
     assert is_linux_kernel(ehdr + ph + note + code)

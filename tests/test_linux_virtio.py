@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import needs_kvm
 from pyrovm.disk import create_disk
 from pyrovm.vmm import VM
+
+from conftest import needs_kvm
 
 pytestmark = [pytest.mark.slow, needs_kvm]
 
@@ -41,7 +42,9 @@ def boot(kernel: Path, **kwargs: object) -> tuple[VM, str]:
     result = vm.wait(BOOT_TIMEOUT)
     vm.close()
     text = vm.console.text
-    assert result.reason.value in ("reset", "panic"), f"{result.describe()}\n--- console tail ---\n{text[-3000:]}"
+    assert result.reason.value in ("reset", "panic"), (
+        f"{result.describe()}\n--- console tail ---\n{text[-3000:]}"
+    )
     return vm, text
 
 

@@ -64,9 +64,22 @@ def test_send_input_echo(guest: Path) -> None:
 @needs_kvm
 def test_cli_pipe_input(guest: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "pyrovm.cli", "run", "--kernel", str(guest), "--cmdline", "test=echo",
-         "--timeout", "30"],
-        input=b"piped text\x04", capture_output=True, env=_env(), timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "pyrovm.cli",
+            "run",
+            "--kernel",
+            str(guest),
+            "--cmdline",
+            "test=echo",
+            "--timeout",
+            "30",
+        ],
+        input=b"piped text\x04",
+        capture_output=True,
+        env=_env(),
+        timeout=60,
     )
     assert proc.returncode == 1, proc.stderr  # exit port value 0 -> (0 << 1) | 1
     assert b"echo ready" in proc.stdout
@@ -98,9 +111,23 @@ def test_pty_raw_mode_echo_and_quit(guest: Path) -> None:
     master, slave = os.openpty()
     before = termios.tcgetattr(slave)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pyrovm.cli", "run", "--kernel", str(guest), "--cmdline", "test=echo",
-         "--timeout", "60"],
-        stdin=slave, stdout=slave, stderr=subprocess.PIPE, env=_env(), start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "pyrovm.cli",
+            "run",
+            "--kernel",
+            str(guest),
+            "--cmdline",
+            "test=echo",
+            "--timeout",
+            "60",
+        ],
+        stdin=slave,
+        stdout=slave,
+        stderr=subprocess.PIPE,
+        env=_env(),
+        start_new_session=True,
     )
     try:
         _read_until(master, b"echo ready", 30)
@@ -127,9 +154,23 @@ def test_pty_sigterm_restores_terminal(guest: Path) -> None:
     master, slave = os.openpty()
     before = termios.tcgetattr(slave)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pyrovm.cli", "run", "--kernel", str(guest), "--cmdline", "test=echo",
-         "--timeout", "60"],
-        stdin=slave, stdout=slave, stderr=subprocess.PIPE, env=_env(), start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "pyrovm.cli",
+            "run",
+            "--kernel",
+            str(guest),
+            "--cmdline",
+            "test=echo",
+            "--timeout",
+            "60",
+        ],
+        stdin=slave,
+        stdout=slave,
+        stderr=subprocess.PIPE,
+        env=_env(),
+        start_new_session=True,
     )
     try:
         _read_until(master, b"echo ready", 30)

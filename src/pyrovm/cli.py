@@ -154,12 +154,19 @@ class _BootTiming:
         return when - _START
 
     def _marker(self, when: float, line: str) -> None:
-        print(f"pyrovm: boot marker after {self._since_start(when):.3f} s: {line.strip()}", file=sys.stderr,
-              flush=True)
+        print(
+            f"pyrovm: boot marker after {self._since_start(when):.3f} s: {line.strip()}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _timer(self, when: float) -> None:
-        print(f"pyrovm: boot timer after {self._since_start(when):.3f} s (guest wrote 123 to the boot-timer "
-              "device)", file=sys.stderr, flush=True)
+        print(
+            f"pyrovm: boot timer after {self._since_start(when):.3f} s (guest wrote 123 to the boot-timer "
+            "device)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def report_end(self) -> None:
         vm = self.vm

@@ -131,8 +131,18 @@ class CpioWriter:
         if self.offset % 4:
             self._write(b"\0" * (4 - self.offset % 4))
 
-    def _entry(self, name: str, mode: int, data: bytes = b"", *, ino: int | None = None, nlink: int = 1,
-               uid: int = 0, gid: int = 0, rdev: tuple[int, int] = (0, 0)) -> None:
+    def _entry(
+        self,
+        name: str,
+        mode: int,
+        data: bytes = b"",
+        *,
+        ino: int | None = None,
+        nlink: int = 1,
+        uid: int = 0,
+        gid: int = 0,
+        rdev: tuple[int, int] = (0, 0),
+    ) -> None:
         if self._closed:
             raise InitramfsError("the cpio archive is already closed")
         if ino is None:
@@ -146,8 +156,17 @@ class CpioWriter:
         self._write(data)
         self._pad()
 
-    def _add(self, name: str, mode: int, data: bytes = b"", *, nlink: int = 1, uid: int = 0, gid: int = 0,
-             rdev: tuple[int, int] = (0, 0)) -> str:
+    def _add(
+        self,
+        name: str,
+        mode: int,
+        data: bytes = b"",
+        *,
+        nlink: int = 1,
+        uid: int = 0,
+        gid: int = 0,
+        rdev: tuple[int, int] = (0, 0),
+    ) -> str:
         path = _check_name(name)
         if path in self._names:
             raise InitramfsError(f"duplicate archive path {path!r}")
@@ -169,8 +188,17 @@ class CpioWriter:
             raise InitramfsError(f"bad symlink target {target!r} for {name!r}")
         self._add(name, stat.S_IFLNK | 0o777, target.encode(), uid=uid, gid=gid)
 
-    def add_device(self, name: str, major: int, minor: int, mode: int = 0o600, *, char: bool = True,
-                   uid: int = 0, gid: int = 0) -> None:
+    def add_device(
+        self,
+        name: str,
+        major: int,
+        minor: int,
+        mode: int = 0o600,
+        *,
+        char: bool = True,
+        uid: int = 0,
+        gid: int = 0,
+    ) -> None:
         """Add a character (or, with ``char=False``, block) device node."""
         kind = stat.S_IFCHR if char else stat.S_IFBLK
         self._add(name, kind | (mode & 0o7777), rdev=(major, minor), uid=uid, gid=gid)
@@ -287,7 +315,10 @@ def _find_busybox(busybox: Path | None) -> Path:
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         result = subprocess.run(
             ["apt-get", "install", "-y", "-q", "-o", "DPkg::Lock::Timeout=600", BUSYBOX_PACKAGE],
-            env=env, capture_output=True, text=True, check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if result.returncode == 0 and DEFAULT_BUSYBOX.is_file() and _is_static(DEFAULT_BUSYBOX):
             return DEFAULT_BUSYBOX
@@ -317,7 +348,7 @@ def _is_static(path: Path) -> bool:
     except OSError:
         return False
     for i in range(phnum):
-        if int.from_bytes(table[i * phentsize:i * phentsize + 4], order) == 3:  # PT_INTERP
+        if int.from_bytes(table[i * phentsize : i * phentsize + 4], order) == 3:  # PT_INTERP
             return False
     return True
 
@@ -326,8 +357,9 @@ def _applets(busybox: Path) -> list[str]:
     """Applet paths relative to the root (``bin/sh``, ``sbin/poweroff``...)."""
     for flag in ("--list-full", "--list"):
         try:
-            result = subprocess.run([str(busybox), flag], capture_output=True, text=True, check=False,
-                                    timeout=30)
+            result = subprocess.run(
+                [str(busybox), flag], capture_output=True, text=True, check=False, timeout=30
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise InitramfsError(f"cannot run {busybox} {flag}: {exc}") from exc
         if result.returncode == 0 and result.stdout.strip():
@@ -384,8 +416,7 @@ def build_initramfs(
     bb = _find_busybox(busybox)
 
     tree = _Tree()
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "etc", "root", "run",
-              "mnt"):
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "etc", "root", "run", "mnt"):
         tree.put(d, _Entry("dir", 0o1777 if d == "tmp" else (0o700 if d == "root" else 0o755)))
     tree.put("bin/busybox", _Entry("file", 0o755, host=bb))
     for applet in _applets(bb):
@@ -426,8 +457,9 @@ def build_initramfs(
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``initramfs build`` to a CLI's subparsers."""
-    parser = subparsers.add_parser("initramfs", help="build a busybox initramfs for Linux guests",
-                                   description="Guest initramfs tooling.")
+    parser = subparsers.add_parser(
+        "initramfs", help="build a busybox initramfs for Linux guests", description="Guest initramfs tooling."
+    )
     sub = parser.add_subparsers(dest="initramfs_command", metavar="COMMAND", required=True)
     build = sub.add_parser(
         "build",
@@ -442,16 +474,35 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "The output is deterministic (mtime 0, sorted entries). Its path is printed last on stdout."
         ),
     )
-    build.add_argument("--output", "-o", type=Path, default=Path("initramfs.cpio"), metavar="PATH",
-                       help="archive to write (default: initramfs.cpio in the current directory)")
-    build.add_argument("--add", action="append", default=[], metavar="HOST:GUEST",
-                       help="add a host file or directory (recursively) at an absolute guest path; "
-                            "DIR:/ merges DIR into the root (repeatable)")
-    build.add_argument("--init", type=Path, metavar="SCRIPT",
-                       help="install SCRIPT as /init (mode 0755) instead of the default init; busybox's "
-                            "/bin/sh and applets are there")
-    build.add_argument("--busybox", type=Path, metavar="PATH",
-                       help=f"static busybox binary to use (default: {DEFAULT_BUSYBOX})")
+    build.add_argument(
+        "--output",
+        "-o",
+        type=Path,
+        default=Path("initramfs.cpio"),
+        metavar="PATH",
+        help="archive to write (default: initramfs.cpio in the current directory)",
+    )
+    build.add_argument(
+        "--add",
+        action="append",
+        default=[],
+        metavar="HOST:GUEST",
+        help="add a host file or directory (recursively) at an absolute guest path; "
+        "DIR:/ merges DIR into the root (repeatable)",
+    )
+    build.add_argument(
+        "--init",
+        type=Path,
+        metavar="SCRIPT",
+        help="install SCRIPT as /init (mode 0755) instead of the default init; busybox's "
+        "/bin/sh and applets are there",
+    )
+    build.add_argument(
+        "--busybox",
+        type=Path,
+        metavar="PATH",
+        help=f"static busybox binary to use (default: {DEFAULT_BUSYBOX})",
+    )
     build.add_argument("--gzip", action="store_true", help="gzip the archive")
     build.set_defaults(func=_cmd_build)
 
@@ -459,11 +510,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _cmd_build(args: argparse.Namespace) -> int:
     try:
         adds = [parse_add(spec) for spec in args.add]
-        path = build_initramfs(args.output, adds, init_script=args.init, busybox=args.busybox,
-                               compress=args.gzip)
+        path = build_initramfs(
+            args.output, adds, init_script=args.init, busybox=args.busybox, compress=args.gzip
+        )
     except InitramfsError as exc:
         print(f"pyrovm initramfs build: error: {exc}", file=sys.stderr)
         return 2
     print(path)
     return 0
-

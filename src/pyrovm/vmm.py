@@ -651,7 +651,10 @@ class VM:
             if self._exit is not None:
                 return
             if self.panic_message is not None and reason not in (
-                ExitReason.PANIC, ExitReason.STOPPED, ExitReason.TIMEOUT, ExitReason.VMM_ERROR
+                ExitReason.PANIC,
+                ExitReason.STOPPED,
+                ExitReason.TIMEOUT,
+                ExitReason.VMM_ERROR,
             ):
                 # the guest panicked, then reset, halted or crashed: report the panic
                 message = f"{self.panic_message} (then: {message or reason.value})"

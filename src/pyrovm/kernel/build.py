@@ -184,8 +184,9 @@ def cache_root() -> Path:
     return (Path(base) if base else Path.home() / ".cache" / "pyrovm") / "kernel"
 
 
-def cache_key(source_identity: str, fragments: list[tuple[str, str]], pvm: bool,
-              patches: tuple[SourcePatch, ...]) -> str:
+def cache_key(
+    source_identity: str, fragments: list[tuple[str, str]], pvm: bool, patches: tuple[SourcePatch, ...]
+) -> str:
     """sha256 over the source identity, the fragment texts, the variant and the patch texts."""
     h = hashlib.sha256()
 
@@ -259,7 +260,9 @@ def _package_version(package: str) -> str | None:
         return None
     result = subprocess.run(
         ["dpkg-query", "-W", "-f=${Status}\t${Version}", package],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if result.returncode != 0:
         return None
@@ -302,8 +305,11 @@ def _resolve_source(source: Path | None, log: Progress) -> _Source:
                     f"{DEFAULT_SOURCE_PACKAGE} is installed but {DEFAULT_SOURCE_TARBALL} is still missing"
                 )
         version = _package_version(DEFAULT_SOURCE_PACKAGE)
-        identity = (f"debian:{DEFAULT_SOURCE_PACKAGE}={version}" if version
-                    else f"tarball-sha256:{_sha256_file(DEFAULT_SOURCE_TARBALL)}")
+        identity = (
+            f"debian:{DEFAULT_SOURCE_PACKAGE}={version}"
+            if version
+            else f"tarball-sha256:{_sha256_file(DEFAULT_SOURCE_TARBALL)}"
+        )
         return _Source("tarball", DEFAULT_SOURCE_TARBALL, identity)
     source = source.expanduser().resolve()
     if source.is_dir():
@@ -340,8 +346,9 @@ def _run(cmd: list[str], cwd: Path, what: str) -> str:
 
 def _run_make(cmd: list[str], cwd: Path, report: Progress, interval: float) -> None:
     """Run make, forwarding its most recent output line through ``report`` every ``interval`` seconds."""
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace")
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    )
     assert proc.stdout is not None
     tail: deque[str] = deque(maxlen=40)
     last: list[str] = [""]
@@ -455,13 +462,15 @@ def _copy_atomic(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def configure(tree: Path, fragments: list[tuple[str, str]], scratch: Path,
-              progress: Callable[[str], None] | None = None) -> dict[str, str]:
+def configure(
+    tree: Path, fragments: list[tuple[str, str]], scratch: Path, progress: Callable[[str], None] | None = None
+) -> dict[str, str]:
     """Configure ``tree``: tinyconfig + the fragments (merge_config.sh -m) + olddefconfig, then check.
 
     Returns the final ``.config`` as a dict; raises :class:`KernelBuildError` listing every fragment option
     that did not land (an unmet dependency, a misspelt name, a choice that could not be taken).
     """
+
     def log(message: str) -> None:
         if progress is not None:
             progress(message)
@@ -476,8 +485,11 @@ def configure(tree: Path, fragments: list[tuple[str, str]], scratch: Path,
         frag_paths.append(path)
         wanted.update(parse_config(text))
     log(f"merge {' '.join(n for n, _ in fragments)}")
-    _run(["sh", "scripts/kconfig/merge_config.sh", "-m", ".config", *map(str, frag_paths)], tree,
-         "merge_config.sh")
+    _run(
+        ["sh", "scripts/kconfig/merge_config.sh", "-m", ".config", *map(str, frag_paths)],
+        tree,
+        "merge_config.sh",
+    )
     _run(["make", "olddefconfig"], tree, "make olddefconfig")
     config = parse_config((tree / ".config").read_text())
     missing = check_config(wanted, config)
@@ -490,9 +502,16 @@ def configure(tree: Path, fragments: list[tuple[str, str]], scratch: Path,
     return config
 
 
-def _build_into(src: _Source, fragments: list[tuple[str, str]], patches: tuple[SourcePatch, ...],
-                jobs: int, work: Path, final: Path, log: Callable[[str, str], None],
-                report_interval: float) -> None:
+def _build_into(
+    src: _Source,
+    fragments: list[tuple[str, str]],
+    patches: tuple[SourcePatch, ...],
+    jobs: int,
+    work: Path,
+    final: Path,
+    log: Callable[[str, str], None],
+    report_interval: float,
+) -> None:
     # 1. Sources.
     if src.kind == "tarball":
         log("extract", f"{src.path} -> {work}")
@@ -572,14 +591,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "the bzImage path is the last line of stdout. A build from scratch takes a few minutes."
         ),
     )
-    build.add_argument("--source", type=Path, metavar="PATH",
-                       help="kernel source tree or tarball (default: Debian's linux-source-6.1, "
-                            f"{DEFAULT_SOURCE_TARBALL}, installed with apt-get when missing and root)")
-    build.add_argument("--output", type=Path, metavar="PATH",
-                       help="also copy the bzImage to PATH and the vmlinux to PATH.vmlinux")
-    build.add_argument("--pvm", action=argparse.BooleanOptionalAction, default=None,
-                       help="build the PVM variant (Intel-only CPU support, int3 self-test compiled out); "
-                            "default: when /sys/module/kvm_pvm exists")
+    build.add_argument(
+        "--source",
+        type=Path,
+        metavar="PATH",
+        help="kernel source tree or tarball (default: Debian's linux-source-6.1, "
+        f"{DEFAULT_SOURCE_TARBALL}, installed with apt-get when missing and root)",
+    )
+    build.add_argument(
+        "--output",
+        type=Path,
+        metavar="PATH",
+        help="also copy the bzImage to PATH and the vmlinux to PATH.vmlinux",
+    )
+    build.add_argument(
+        "--pvm",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="build the PVM variant (Intel-only CPU support, int3 self-test compiled out); "
+        "default: when /sys/module/kvm_pvm exists",
+    )
     build.add_argument("--jobs", "-j", type=int, metavar="N", help="make -jN (default: number of CPUs)")
     build.set_defaults(func=_cmd_build)
 
@@ -589,8 +620,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr, flush=True)
 
     try:
-        path = build_kernel(source=args.source, output=args.output, pvm=args.pvm, jobs=args.jobs,
-                            progress=progress)
+        path = build_kernel(
+            source=args.source, output=args.output, pvm=args.pvm, jobs=args.jobs, progress=progress
+        )
     except KernelBuildError as exc:
         lines = str(exc).splitlines()
         print(f"pyrovm kernel build: error: {lines[0]}", file=sys.stderr)

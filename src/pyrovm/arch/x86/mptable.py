@@ -62,8 +62,9 @@ def build(cpus: int, addr: int = layout.MPTABLE_START) -> bytes:
     entries: list[bytes] = []
     for i in range(cpus):
         flags = CPU_ENABLED | (CPU_BOOTPROCESSOR if i == 0 else 0)
-        entries.append(PROCESSOR.pack(MP_PROCESSOR, i, LAPIC_VERSION, flags, CPU_SIGNATURE, CPU_FEATURES,
-                                      bytes(8)))
+        entries.append(
+            PROCESSOR.pack(MP_PROCESSOR, i, LAPIC_VERSION, flags, CPU_SIGNATURE, CPU_FEATURES, bytes(8))
+        )
     entries.append(BUS.pack(MP_BUS, ISA_BUS_ID, b"ISA   "))
     entries.append(IOAPIC.pack(MP_IOAPIC, ioapic_id, IOAPIC_VERSION, CPU_ENABLED, layout.IOAPIC_ADDR))
     flags = IRQ_FLAGS_EDGE_HIGH
@@ -73,8 +74,9 @@ def build(cpus: int, addr: int = layout.MPTABLE_START) -> bytes:
     entries.append(INTSRC.pack(MP_LINTSRC, MP_IRQ_NMI, IRQ_FLAGS_EDGE_HIGH, ISA_BUS_ID, 0, 0xFF, 1))
     body = b"".join(entries)
     length = HEADER.size + len(body)
-    header = HEADER.pack(TABLE_SIG, length, SPEC_REV, 0, OEM_ID, PRODUCT_ID, 0, 0, len(entries),
-                         layout.LAPIC_ADDR, 0, 0, 0)
+    header = HEADER.pack(
+        TABLE_SIG, length, SPEC_REV, 0, OEM_ID, PRODUCT_ID, 0, 0, len(entries), layout.LAPIC_ADDR, 0, 0, 0
+    )
     table = bytearray(header + body)
     table[7] = _checksum_byte(table)
     table_addr = addr + FLOATING.size
