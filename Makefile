@@ -25,6 +25,7 @@ demo: setup
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy src
 
 test: setup lint
 	$(PY) -m pytest -q

@@ -18,6 +18,7 @@ import termios
 import threading
 import tty
 from collections.abc import Callable
+from typing import Any
 
 CTRL_A = 0x01
 QUIT_KEY = ord("x")
@@ -69,7 +70,7 @@ class Terminal:
         self.fd = fd
         self._out = out
         self.is_tty = os.isatty(fd)
-        self._saved: list[object] | None = None
+        self._saved: list[Any] | None = None
         self._decoder = EscapeDecoder()
         self._wake_r, self._wake_w = os.pipe()
         self._thread: threading.Thread | None = None

@@ -565,21 +565,21 @@ class VM:
             t = type(e)
             if t is IoOut:
                 stats.io += 1
-                if e.count == 1:  # type: ignore[union-attr]
-                    pio_write(e.port, e.data)  # type: ignore[union-attr]
+                if e.count == 1:  # type: ignore[union-attr, arg-type]
+                    pio_write(e.port, e.data)  # type: ignore[union-attr, arg-type]
                 else:
-                    size = e.size  # type: ignore[union-attr]
-                    for off in range(0, len(e.data), size):  # type: ignore[union-attr]
-                        pio_write(e.port, e.data[off : off + size])  # type: ignore[union-attr]
+                    size = e.size  # type: ignore[union-attr, arg-type]
+                    for off in range(0, len(e.data), size):  # type: ignore[union-attr, arg-type]
+                        pio_write(e.port, e.data[off : off + size])  # type: ignore[union-attr, arg-type]
             elif t is IoIn:
                 stats.io += 1
-                vcpu.complete_io_in(b"".join(pio_read(e.port, e.size) for _ in range(e.count)))  # type: ignore[union-attr]
+                vcpu.complete_io_in(b"".join(pio_read(e.port, e.size) for _ in range(e.count)))  # type: ignore[union-attr, arg-type]
             elif t is MmioWrite:
                 stats.mmio += 1
-                mmio_write(e.addr, e.data)  # type: ignore[union-attr]
+                mmio_write(e.addr, e.data)  # type: ignore[union-attr, arg-type]
             elif t is MmioRead:
                 stats.mmio += 1
-                vcpu.complete_mmio_read(mmio_read(e.addr, e.length))  # type: ignore[union-attr]
+                vcpu.complete_mmio_read(mmio_read(e.addr, e.length))  # type: ignore[union-attr, arg-type]
             elif t is ex.Interrupted:
                 stats.interrupted += 1
                 if self._poll_seq != seen_poll and not self._stopping:
@@ -659,7 +659,10 @@ class VM:
                 # the guest panicked, then reset, halted or crashed: report the panic
                 message = f"{self.panic_message} (then: {message or reason.value})"
                 reason = ExitReason.PANIC
-            code = ((guest_status << 1) | 1) & 0xFF if reason is ExitReason.EXIT_PORT else _CODES[reason]
+            if reason is ExitReason.EXIT_PORT and guest_status is not None:
+                code = ((guest_status << 1) | 1) & 0xFF
+            else:
+                code = _CODES[reason]
             result = VmExit(reason, int(code), guest_status, message, vcpu_index)
             if vcpu is not None:
                 result.registers, result.code_bytes = self._crash_state(vcpu)
@@ -677,7 +680,7 @@ class VM:
             s = vcpu.get_sregs()
         except k.KvmError:
             return None, None
-        names = [n for n, _ in r._fields_]
+        names = [n for n, *_ in r._fields_]
         state = {n: int(getattr(r, n)) for n in names}
         state.update(cr0=s.cr0, cr2=s.cr2, cr3=s.cr3, cr4=s.cr4, efer=s.efer)
         code = None

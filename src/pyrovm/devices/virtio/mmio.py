@@ -350,8 +350,8 @@ class VirtioMmioTransport:
             except Exception:
                 log.exception("%s: device reset failed", self.device.name)
             st = self.state
-            for q in st.queues:
-                q.reset()
+            for qs in st.queues:
+                qs.reset()
             st.status = 0
             st.device_features_sel = st.driver_features_sel = st.driver_features = 0
             st.queue_sel = st.shm_sel = 0
