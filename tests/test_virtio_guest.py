@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,36 @@ def test_sigkill_after_acknowledged_flush_loses_nothing(guest: Path, tmp_path: P
     p.wait(10)
     assert b"blk ok" in out, out  # printed only after the flush completed and the data read back
     assert disk.read_bytes()[: 128 * SECTOR] == pattern(128)
+
+
+def test_cli_metrics_on_sigusr1(guest: Path, tmp_path: Path) -> None:
+    metrics = tmp_path / "live.json"
+    p = subprocess.Popen(
+        _cli("--kernel", str(guest), "--cmdline", "test=echo", "--rng", "--metrics", str(metrics)),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(),
+    )
+    assert p.stdout is not None and p.stdin is not None
+    try:
+        out = b""
+        while b"echo ready" not in out:  # the VM runs: the handler is installed
+            chunk = p.stdout.read1(4096)  # type: ignore[attr-defined]
+            assert chunk, out
+            out += chunk
+        p.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while not metrics.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        data = json.loads(metrics.read_text())
+        assert data["exit"] is None  # written while the VM runs
+        assert "virtio-rng" in data["devices"]
+        assert data["vcpu_exits"]["io"] > 0
+        p.stdin.write(b"\x04")  # Ctrl-D: the guest exits
+        p.stdin.flush()
+        assert p.wait(20) == 1
+    finally:
+        p.kill()
+    final = json.loads(metrics.read_text())
+    assert final["exit"]["reason"] == "exit-port"

@@ -38,6 +38,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .loader import KernelLoadError
     from .vmm import VM, ConfigError, ExitCode, ExitReason
 
+    holder: list[object] = []
+    if args.metrics:  # installed first: a SIGUSR1 during start-up must not kill the VMM
+        _install_metrics_signal(holder, args.metrics)
+
     try:
         vm = VM(
             kernel=args.kernel,
@@ -59,7 +63,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except KvmError as exc:
         return _fail(f"KVM refused to build the VM: {exc}")
     if args.metrics:
-        _install_metrics_signal(vm, args.metrics)
+        holder.append(vm)
     timing = _BootTiming(vm, args) if args.boot_timer or args.boot_marker else None
     terminal = None
     stopped_by_signal = False
@@ -188,12 +192,15 @@ def _write_metrics(vm: object, path: str) -> None:
     os.replace(tmp, path)
 
 
-def _install_metrics_signal(vm: object, path: str) -> None:
+def _install_metrics_signal(holder: list[object], path: str) -> None:
+    """On SIGUSR1, write the metrics of the VM in *holder* (once it is there) to *path*."""
     import signal
 
     def on_usr1(signum: int, frame: object) -> None:
+        if not holder:
+            return
         try:
-            _write_metrics(vm, path)
+            _write_metrics(holder[0], path)
         except OSError as exc:
             print(f"pyrovm: cannot write metrics to {path}: {exc.strerror}", file=sys.stderr)
 
