@@ -28,12 +28,44 @@ def vendor_registers(vendor: str) -> tuple[int, int, int]:
     return ebx, edx, ecx
 
 
+def _bits(n: int) -> int:
+    """Bits needed to number *n* things (0 for one)."""
+    return max(n - 1, 0).bit_length()
+
+
+def _topology_leaf(function: int, apic_id: int, ncpus: int) -> list[kvm_cpuid_entry2]:
+    """Leaf 0xB/0x1F for one package of *ncpus* cores with one thread each: SMT level, core level, end."""
+    flags = KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+    return [
+        kvm_cpuid_entry2(
+            function=function, index=0, flags=flags, eax=0, ebx=1, ecx=(1 << 8) | 0, edx=apic_id
+        ),
+        kvm_cpuid_entry2(
+            function=function,
+            index=1,
+            flags=flags,
+            eax=_bits(ncpus),
+            ebx=ncpus,
+            ecx=(2 << 8) | 1,
+            edx=apic_id,
+        ),
+        kvm_cpuid_entry2(function=function, index=2, flags=flags, eax=0, ebx=0, ecx=2, edx=apic_id),
+    ]
+
+
 def vcpu_cpuid(
     supported: list[kvm_cpuid_entry2], apic_id: int, ncpus: int, vendor: str | None = None
 ) -> list[kvm_cpuid_entry2]:
-    """The CPUID entries for one vCPU."""
+    """The CPUID entries for one vCPU.
+
+    The topology the guest sees is one socket of *ncpus* cores, one thread each, whatever the host's:
+    leaf 1 (initial APIC id, logical count), 4 (cores per package, cache sharing), 0xB/0x1F (x2APIC
+    topology), and AMD's 0x80000008 (core count) and 0x8000001E (extended APIC id, core id).  No PMU
+    (leaf 0xA), and the KVM hypervisor leaf.
+    """
     out: list[kvm_cpuid_entry2] = []
     have_hv = False
+    topology_done: set[int] = set()
     for src in supported:
         e = _copy(src)
         fn = e.function
@@ -42,12 +74,23 @@ def vcpu_cpuid(
         elif fn == 1:
             e.ebx = (apic_id << 24) | (min(ncpus, 255) << 16) | (e.ebx & 0xFFFF)
             e.ecx |= HYPERVISOR_BIT
-            if ncpus > 1:
-                e.edx |= HTT_BIT
+            e.edx = (e.edx | HTT_BIT) if ncpus > 1 else (e.edx & ~HTT_BIT)
+        elif fn == 4:
+            level = (e.eax >> 5) & 7
+            sharing = ncpus - 1 if level >= 3 else 0
+            cores = min(ncpus, 64) - 1
+            e.eax = (e.eax & 0x3FFF) | (min(sharing, 0xFFF) << 14) | (cores << 26) if e.eax & 0x1F else e.eax
         elif fn in (0xB, 0x1F):
-            e.edx = apic_id
+            if fn not in topology_done:
+                topology_done.add(fn)
+                out.extend(_topology_leaf(fn, apic_id, ncpus))
+            continue
         elif fn == 0xA:  # no PMU for the guest
             e.eax = e.ebx = e.ecx = e.edx = 0
+        elif fn == 0x80000008:
+            e.ecx = (e.ecx & ~0xF0FF) | (min(ncpus, 256) - 1) | (_bits(ncpus) << 12)
+        elif fn == 0x8000001E:
+            e.eax, e.ebx, e.ecx = apic_id, apic_id & 0xFF, 0
         elif fn == 0x40000000:
             have_hv = True
             e.ebx, e.ecx, e.edx = struct.unpack("<III", KVM_SIGNATURE)
