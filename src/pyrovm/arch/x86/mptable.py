@@ -3,8 +3,9 @@
 Written at :data:`layout.MPTABLE_START` (the last KiB of base memory, where Linux's ``smp_scan_config``
 looks): a 16-byte floating pointer ``_MP_`` followed by the configuration table ``PCMP`` with one processor
 entry per vCPU (APIC ids 0..N-1, the first the bootstrap processor), the ISA bus, the IOAPIC at
-:data:`layout.IOAPIC_ADDR` (id N, 24 pins), an I/O interrupt entry per ISA IRQ 0-15 (INT,
-edge triggered, active high, to the IOAPIC pin of the same number) and the local interrupts (LINT0 ExtINT,
+:data:`layout.IOAPIC_ADDR` (id N, 24 pins), an I/O interrupt entry per IRQ 0-23 (INT, edge triggered,
+active high, to the IOAPIC pin of the same number: 16-23 serve virtio devices past the ninth, as in
+Firecracker) and the local interrupts (LINT0 ExtINT,
 LINT1 NMI, to every local APIC).
 
 IRQ 0 is an INT entry like the others (as Firecracker and Cloud Hypervisor do), not ExtINT: with an ExtINT
@@ -68,7 +69,7 @@ def build(cpus: int, addr: int = layout.MPTABLE_START) -> bytes:
     entries.append(BUS.pack(MP_BUS, ISA_BUS_ID, b"ISA   "))
     entries.append(IOAPIC.pack(MP_IOAPIC, ioapic_id, IOAPIC_VERSION, CPU_ENABLED, layout.IOAPIC_ADDR))
     flags = IRQ_FLAGS_EDGE_HIGH
-    for irq in range(16):
+    for irq in range(layout.MAX_LEGACY_IRQ + 1):
         entries.append(INTSRC.pack(MP_INTSRC, MP_IRQ_INT, flags, ISA_BUS_ID, irq, ioapic_id, irq))
     entries.append(INTSRC.pack(MP_LINTSRC, MP_IRQ_EXTINT, IRQ_FLAGS_EDGE_HIGH, ISA_BUS_ID, 0, 0xFF, 0))
     entries.append(INTSRC.pack(MP_LINTSRC, MP_IRQ_NMI, IRQ_FLAGS_EDGE_HIGH, ISA_BUS_ID, 0, 0xFF, 1))
