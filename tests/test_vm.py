@@ -211,3 +211,12 @@ def test_kvm_device_not_writable(guest: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(os, "open", deny)
     with pytest.raises(kvm.KvmUnavailable, match="kvm' group"):
         kvm.Kvm("/dev/kvm")
+
+
+def test_memory_above_the_device_hole(guest: Path) -> None:
+    """5 GiB: 3 GiB below the hole and 2 GiB from 4 GiB up, two KVM memory slots (mapped lazily)."""
+    with VM(guest, memory="5G", cmdline="test=hello") as vm:
+        result = vm.wait(30)
+        regions = [(r.guest_addr, r.size) for r in vm.memory.regions]
+    assert regions == [(0, 3 << 30), (4 << 30, 2 << 30)]
+    assert result.guest_status == 0 and "hello" in vm.console.text
