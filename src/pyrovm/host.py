@@ -14,13 +14,12 @@ turns them off.
 
 from __future__ import annotations
 
-import struct
 import sys
 import threading
 
 from .kvm import is_pvm_host
 from .loader.bzimage import is_bzimage
-from .loader.elf import is_elf
+from .loader.elf import is_elf, iter_notes, note_segments
 
 #: Kernel command-line options Linux needs on PVM (see /work/shared/notes/environment.md).
 PVM_CMDLINE_OPTIONS: tuple[str, ...] = (
@@ -39,31 +38,9 @@ PVM_WARNING = (
 _warned = False
 _warn_lock = threading.Lock()
 
-_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
-_PHDR = struct.Struct("<IIQQQQQQ")
-_NHDR = struct.Struct("<III")
-PT_NOTE = 4
-
 
 def _elf_note_owners(data: bytes) -> set[bytes]:
-    owners: set[bytes] = set()
-    if len(data) < _EHDR.size or data[4] != 2:
-        return owners
-    fields = _EHDR.unpack_from(data)
-    phoff, phentsize, phnum = fields[5], fields[9], fields[10]
-    if phentsize != _PHDR.size or phoff + phnum * phentsize > len(data):
-        return owners
-    for i in range(phnum):
-        ptype, _f, off, _v, _p, filesz, _m, _a = _PHDR.unpack_from(data, phoff + i * phentsize)
-        if ptype != PT_NOTE or off + filesz > len(data):
-            continue
-        pos, end = off, off + filesz
-        while pos + _NHDR.size <= end:
-            namesz, descsz, _t = _NHDR.unpack_from(data, pos)
-            pos += _NHDR.size
-            owners.add(bytes(data[pos : pos + namesz]).rstrip(b"\0"))
-            pos += ((namesz + 3) & ~3) + ((descsz + 3) & ~3)
-    return owners
+    return {name for off, size in note_segments(data) for name, _type, _desc in iter_notes(data, off, size)}
 
 
 def is_linux_kernel(data: bytes) -> bool:

@@ -4,6 +4,7 @@ the 64-bit entry (``e_entry``) and, when present, the PVH 32-bit entry from the 
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pyrovm.memory import GuestMemory, GuestMemoryError
@@ -37,17 +38,39 @@ def is_elf(data: bytes) -> bool:
     return data[:4] == ELF_MAGIC
 
 
-def _pvh_note(data: bytes, off: int, size: int) -> int | None:
+def iter_notes(data: bytes, off: int, size: int) -> Iterator[tuple[bytes, int, bytes]]:
+    """``(owner name, type, descriptor)`` of each ELF note in ``data[off:off + size]``."""
     end = off + size
     while off + _NHDR.size <= end:
         namesz, descsz, ntype = _NHDR.unpack_from(data, off)
         off += _NHDR.size
-        name = data[off : off + namesz].rstrip(b"\0")
+        name = bytes(data[off : off + namesz]).rstrip(b"\0")
         off += (namesz + 3) & ~3
-        desc = data[off : off + descsz]
+        desc = bytes(data[off : off + descsz])
         off += (descsz + 3) & ~3
+        yield name, ntype, desc
+
+
+def note_segments(data: bytes) -> Iterator[tuple[int, int]]:
+    """``(offset, size)`` of each ``PT_NOTE`` segment of an ELF64 file that lies within *data*."""
+    if len(data) < _EHDR.size or not is_elf(data) or data[4] != ELFCLASS64:
+        return
+    fields = _EHDR.unpack_from(data)
+    phoff, phentsize, phnum = fields[5], fields[9], fields[10]
+    if phentsize != _PHDR.size or phoff + phnum * phentsize > len(data):
+        return
+    for i in range(phnum):
+        ptype, _flags, off, _vaddr, _paddr, filesz, _memsz, _align = _PHDR.unpack_from(
+            data, phoff + i * phentsize
+        )
+        if ptype == PT_NOTE and off + filesz <= len(data):
+            yield off, filesz
+
+
+def _pvh_note(data: bytes, off: int, size: int) -> int | None:
+    for name, ntype, desc in iter_notes(data, off, size):
         if name == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY and len(desc) >= 4:
-            return int.from_bytes(desc[: 8 if descsz >= 8 else 4], "little") & 0xFFFFFFFF
+            return int.from_bytes(desc[: 8 if len(desc) >= 8 else 4], "little") & 0xFFFFFFFF
     return None
 
 
