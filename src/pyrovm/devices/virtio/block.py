@@ -122,34 +122,35 @@ class _Status(Exception):
         self.status = status
 
 
-def _preadv_full(fd: int, views: list[memoryview], offset: int, nbytes: int) -> int:
-    """Read *nbytes* (the total size of *views*) at *offset*: one ``preadv`` unless it comes up short."""
+def _rw_full(
+    op: Callable[[int, list[memoryview], int], int],
+    fd: int,
+    views: list[memoryview],
+    offset: int,
+    nbytes: int,
+    why: str,
+) -> int:
+    """Transfer *nbytes* (the total size of *views*) at *offset*: one call unless it comes up short."""
     if not nbytes:
         return 0
     if len(views) <= _IOV_MAX:
-        n = os.preadv(fd, views, offset)
+        n = op(fd, views, offset)
         if n == nbytes:
             return n
         if n <= 0:
-            raise OSError(errno.EIO, "unexpected end of disk image")
-        return n + _rw_rest(
-            os.preadv, fd, split_views(views, n)[1], offset + n, "unexpected end of disk image"
-        )
-    return _rw_rest(os.preadv, fd, views, offset, "unexpected end of disk image")
+            raise OSError(errno.EIO, why)
+        return n + _rw_rest(op, fd, split_views(views, n)[1], offset + n, why)
+    return _rw_rest(op, fd, views, offset, why)
+
+
+def _preadv_full(fd: int, views: list[memoryview], offset: int, nbytes: int) -> int:
+    """Read *nbytes* into *views* from *offset* (``os.preadv``, resumed after short reads)."""
+    return _rw_full(os.preadv, fd, views, offset, nbytes, "unexpected end of disk image")
 
 
 def _pwritev_full(fd: int, views: list[memoryview], offset: int, nbytes: int) -> int:
-    """Write *views* (*nbytes* in all) at *offset*: one ``pwritev`` unless it comes up short."""
-    if not nbytes:
-        return 0
-    if len(views) <= _IOV_MAX:
-        n = os.pwritev(fd, views, offset)
-        if n == nbytes:
-            return n
-        if n <= 0:
-            raise OSError(errno.EIO, "short write to disk image")
-        return n + _rw_rest(os.pwritev, fd, split_views(views, n)[1], offset + n, "short write to disk image")
-    return _rw_rest(os.pwritev, fd, views, offset, "short write to disk image")
+    """Write *views* (*nbytes* in all) at *offset* (``os.pwritev``, resumed after short writes)."""
+    return _rw_full(os.pwritev, fd, views, offset, nbytes, "short write to disk image")
 
 
 def _rw_rest(
