@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 KVM_DEVICE = os.environ.get("PYROVM_KVM_DEVICE", "/dev/kvm")
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def pyrovm_argv(*args: str) -> list[str]:
+    """The command line that runs ``pyrovm ARGS...`` from this checkout."""
+    return [sys.executable, "-m", "pyrovm.cli", *args]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment for :func:`pyrovm_argv`: this checkout's ``src`` first on PYTHONPATH."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
 
 
 def kvm_usable() -> str | None:

@@ -4,28 +4,22 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import needs_kvm
-
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+from conftest import cli_env, needs_kvm, pyrovm_argv
 
 
 def pyrovm(
     *args: str, timeout: float = 60, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = SRC + os.pathsep + e.get("PYTHONPATH", "")
-    e.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "pyrovm.cli", *args],
+        pyrovm_argv(*args),
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=e,
+        env=cli_env(**(env or {})),
         stdin=subprocess.DEVNULL,
     )
 

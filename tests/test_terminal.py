@@ -5,34 +5,32 @@ from __future__ import annotations
 import os
 import select
 import subprocess
-import sys
 import termios
 import time
 from pathlib import Path
 
-import pytest
-
 from pyrovm.terminal import CTRL_A, EscapeDecoder
 
-REPO = Path(__file__).resolve().parents[1]
-KVM = os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK)
-needs_kvm = pytest.mark.skipif(not KVM, reason="needs /dev/kvm")
+from conftest import cli_env, needs_kvm, pyrovm_argv
 
 
-@pytest.fixture(scope="module")
-def guest() -> Path:
-    from pyrovm import testguest
-
-    try:
-        return testguest.build()
-    except RuntimeError as exc:
-        pytest.skip(f"cannot build the test guest: {exc}")
+def _echo_argv(guest: Path, timeout: int = 60) -> list[str]:
+    """pyrovm running the test guest's echo test."""
+    return pyrovm_argv("run", "--kernel", str(guest), "--cmdline", "test=echo", "--timeout", str(timeout))
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+def _spawn_on_pty(guest: Path) -> tuple[int, int, subprocess.Popen[bytes]]:
+    """The echo test under pyrovm with a pty as its terminal: (master, slave, process)."""
+    master, slave = os.openpty()
+    proc = subprocess.Popen(
+        _echo_argv(guest),
+        stdin=slave,
+        stdout=slave,
+        stderr=subprocess.PIPE,
+        env=cli_env(),
+        start_new_session=True,
+    )
+    return master, slave, proc
 
 
 def test_escape_decoder() -> None:
@@ -64,21 +62,10 @@ def test_send_input_echo(guest: Path) -> None:
 @needs_kvm
 def test_cli_pipe_input(guest: Path) -> None:
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pyrovm.cli",
-            "run",
-            "--kernel",
-            str(guest),
-            "--cmdline",
-            "test=echo",
-            "--timeout",
-            "30",
-        ],
+        _echo_argv(guest, timeout=30),
         input=b"piped text\x04",
         capture_output=True,
-        env=_env(),
+        env=cli_env(),
         timeout=60,
     )
     assert proc.returncode == 1, proc.stderr  # exit port value 0 -> (0 << 1) | 1
@@ -108,27 +95,8 @@ def _read_until(fd: int, needle: bytes, timeout: float) -> bytes:
 
 @needs_kvm
 def test_pty_raw_mode_echo_and_quit(guest: Path) -> None:
-    master, slave = os.openpty()
+    master, slave, proc = _spawn_on_pty(guest)
     before = termios.tcgetattr(slave)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pyrovm.cli",
-            "run",
-            "--kernel",
-            str(guest),
-            "--cmdline",
-            "test=echo",
-            "--timeout",
-            "60",
-        ],
-        stdin=slave,
-        stdout=slave,
-        stderr=subprocess.PIPE,
-        env=_env(),
-        start_new_session=True,
-    )
     try:
         _read_until(master, b"echo ready", 30)
         during = termios.tcgetattr(slave)
@@ -151,27 +119,8 @@ def test_pty_raw_mode_echo_and_quit(guest: Path) -> None:
 
 @needs_kvm
 def test_pty_sigterm_restores_terminal(guest: Path) -> None:
-    master, slave = os.openpty()
+    master, slave, proc = _spawn_on_pty(guest)
     before = termios.tcgetattr(slave)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pyrovm.cli",
-            "run",
-            "--kernel",
-            str(guest),
-            "--cmdline",
-            "test=echo",
-            "--timeout",
-            "60",
-        ],
-        stdin=slave,
-        stdout=slave,
-        stderr=subprocess.PIPE,
-        env=_env(),
-        start_new_session=True,
-    )
     try:
         _read_until(master, b"echo ready", 30)
         assert termios.tcgetattr(slave) != before

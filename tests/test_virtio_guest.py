@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import pytest
 
 from pyrovm.vmm import VM, ConfigError, ExitReason
 
-from conftest import needs_kvm
+from conftest import cli_env, needs_kvm, pyrovm_argv
 
 pytestmark = needs_kvm
 
@@ -120,13 +118,7 @@ def test_rootfs_adds_root_to_cmdline(guest: Path, tmp_path: Path) -> None:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pyrovm.cli", "run", *args]
-
-
-def _env() -> dict[str, str]:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src")
-    return e
+    return pyrovm_argv("run", *args)
 
 
 def test_cli_disk_and_metrics_file(guest: Path, tmp_path: Path) -> None:
@@ -147,7 +139,7 @@ def test_cli_disk_and_metrics_file(guest: Path, tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=120,
-        env=_env(),
+        env=cli_env(),
     )
     assert p.returncode == 1, p.stderr
     assert "blk ok" in p.stdout
@@ -166,7 +158,7 @@ def test_sigkill_after_acknowledged_flush_loses_nothing(guest: Path, tmp_path: P
         _cli("--kernel", str(guest), "--cmdline", "test=blk sectors=128", "--disk", str(disk)),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
-        env=_env(),
+        env=cli_env(),
     )
     assert p.stdout is not None
     out = b""
@@ -188,7 +180,7 @@ def test_cli_metrics_on_sigusr1(guest: Path, tmp_path: Path) -> None:
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=_env(),
+        env=cli_env(),
     )
     assert p.stdout is not None and p.stdin is not None
     try:
