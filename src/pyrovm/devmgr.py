@@ -102,8 +102,7 @@ class VirtioManager:
         return slot
 
     def add_disk(self, spec: DiskSpec, index: int) -> _Slot:
-        if not spec.path.exists():
-            raise DeviceConfigError(f"disk {spec.path}: no such file")
+        # existence is checked with the rest of the configuration (VM._validate); VirtioBlock reports races
         if not os.access(spec.path, os.R_OK if spec.read_only else os.R_OK | os.W_OK):
             raise DeviceConfigError(f"disk {spec.path}: not {'readable' if spec.read_only else 'writable'}")
         dev = VirtioBlock(

@@ -437,7 +437,7 @@ class VM:
         cfg = self.config
         data = self._kernel_data
         cmdline = self.cmdline.encode()
-        e820 = bootparams.e820_map(layout.ram_layout(cfg.memory))
+        e820 = bootparams.e820_map([(r.guest_addr, r.size) for r in self.memory])
         mptable.write(self.memory, cfg.cpus)
         if is_bzimage(data):
             if cfg.boot == "pvh":
