@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .errors import PyrovmError
+
 DEFAULT_LABEL = "pyrovm"
 _SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
@@ -17,7 +19,7 @@ _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 MIN_SIZE = 1 << 20
 
 
-class DiskError(Exception):
+class DiskError(PyrovmError):
     """A disk image could not be made; the message is one line for the user."""
 
 

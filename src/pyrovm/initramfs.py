@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+from pyrovm.errors import PyrovmError
+
 __all__ = [
     "DEFAULT_BUSYBOX",
     "DEFAULT_INIT",
@@ -80,7 +82,7 @@ poweroff -f
 """
 
 
-class InitramfsError(RuntimeError):
+class InitramfsError(PyrovmError, RuntimeError):
     """Bad input for an initramfs (missing host path, bad --add syntax, no busybox...)."""
 
 

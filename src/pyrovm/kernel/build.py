@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyrovm.errors import PyrovmError
+
 __all__ = [
     "DEFAULT_SOURCE_PACKAGE",
     "DEFAULT_SOURCE_TARBALL",
@@ -71,7 +73,7 @@ _BUILD_DEPS: tuple[tuple[str, str], ...] = (
 Progress = Callable[[str], None]
 
 
-class KernelBuildError(RuntimeError):
+class KernelBuildError(PyrovmError, RuntimeError):
     """A kernel build failed; the message says why in one line (plus detail lines where useful)."""
 
 

@@ -10,6 +10,8 @@ import os
 import struct
 from pathlib import Path
 
+from pyrovm.errors import HostError, PyrovmError
+
 from . import constants as c
 from . import exits as e
 from . import structs as s
@@ -22,16 +24,20 @@ _REASON_OFFSET = s.kvm_run.exit_reason.offset
 _IMMEDIATE_EXIT_OFFSET = s.kvm_run.immediate_exit.offset
 
 
-class KvmError(OSError):
+class KvmError(PyrovmError, OSError):
     """A KVM ioctl failed."""
 
 
-class KvmUnavailable(RuntimeError):
+class KvmUnavailable(HostError):
     """``/dev/kvm`` is missing, not accessible, or too old."""
 
 
-class KvmCapabilityError(RuntimeError):
+class KvmCapabilityError(HostError):
     """The host KVM lacks a capability pyrovm needs."""
+
+
+#: The KVM device pyrovm opens unless told otherwise.
+DEFAULT_KVM_DEVICE = "/dev/kvm"
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -54,7 +60,7 @@ def _ioctl(fd: int, request: int, arg: object = 0, what: str = "") -> int:
     try:
         return fcntl.ioctl(fd, request, arg)  # type: ignore[call-overload, no-any-return]
     except OSError as exc:
-        raise KvmError(exc.errno, f"{what or hex(request)}: {os.strerror(exc.errno or 0)}") from None
+        raise KvmError(exc.errno, f"{what or hex(request)}: {os.strerror(exc.errno or 0)}") from exc
 
 
 def is_pvm_host() -> bool:
@@ -66,28 +72,28 @@ class Kvm:
     """The KVM system file descriptor."""
 
     def __init__(self, path: str | None = None) -> None:
-        """Open *path*, by default ``$PYROVM_KVM_DEVICE`` or ``/dev/kvm``."""
-        path = path or os.environ.get("PYROVM_KVM_DEVICE") or "/dev/kvm"
+        """Open *path* (default ``/dev/kvm``)."""
+        path = path or DEFAULT_KVM_DEVICE
         self.path = path
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
+        except FileNotFoundError as exc:
             raise KvmUnavailable(
                 f"{path} does not exist: this host has no KVM (load kvm_intel/kvm_amd, or enable nested "
                 "virtualization)"
-            ) from None
-        except PermissionError:
+            ) from exc
+        except PermissionError as exc:
             raise KvmUnavailable(
                 f"{path} is not readable and writable by this user: add the user to the 'kvm' group "
                 f"(sudo usermod -aG kvm $USER) or run as root"
-            ) from None
+            ) from exc
         except OSError as exc:
-            raise KvmUnavailable(f"cannot open {path}: {exc.strerror}") from None
+            raise KvmUnavailable(f"cannot open {path}: {exc.strerror}") from exc
         try:
             version = _ioctl(self.fd, c.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
-        except KvmError:
+        except KvmError as exc:
             os.close(self.fd)
-            raise KvmUnavailable(f"{path} is not a KVM device (KVM_GET_API_VERSION failed)") from None
+            raise KvmUnavailable(f"{path} is not a KVM device (KVM_GET_API_VERSION failed)") from exc
         if version != 12:
             os.close(self.fd)
             raise KvmUnavailable(f"{path}: KVM API version {version}, pyrovm needs 12")
@@ -123,7 +129,7 @@ class Kvm:
                 if exc.errno == errno.E2BIG and n < 4096:
                     n *= 2
                     continue
-                raise KvmError(exc.errno, "KVM_GET_SUPPORTED_CPUID failed") from None
+                raise KvmError(exc.errno, "KVM_GET_SUPPORTED_CPUID failed") from exc
             return [buf.entries[i] for i in range(buf.nent)]
 
     def msr_index_list(self) -> list[int]:
@@ -138,7 +144,7 @@ class Kvm:
                 if exc.errno == errno.E2BIG and n < 8192:
                     n *= 4
                     continue
-                raise KvmError(exc.errno, "KVM_GET_MSR_INDEX_LIST failed") from None
+                raise KvmError(exc.errno, "KVM_GET_MSR_INDEX_LIST failed") from exc
             return list(buf.indices[: buf.nmsrs])
 
     def create_vm(self) -> Vm:
@@ -255,7 +261,7 @@ class Vcpu:
             if exc.errno in (errno.EINTR, errno.EAGAIN):
                 self._mm[_IMMEDIATE_EXIT_OFFSET] = 0
                 return e.INTERRUPTED
-            raise KvmError(exc.errno, f"KVM_RUN on vCPU {self.id}: {os.strerror(exc.errno or 0)}") from None
+            raise KvmError(exc.errno, f"KVM_RUN on vCPU {self.id}: {os.strerror(exc.errno or 0)}") from exc
         mm = self._mm
         reason = _U32.unpack_from(mm, _REASON_OFFSET)[0]
         if reason == c.KVM_EXIT_IO:

@@ -144,8 +144,8 @@ def load_bzimage(mem: GuestMemory, data: bytes, name: str = "kernel") -> BzImage
         )
     try:
         mem.write(addr, payload)
-    except GuestMemoryError:
-        raise KernelLoadError(f"{name}: does not fit in guest memory at {addr:#x} (more memory?)") from None
+    except GuestMemoryError as exc:
+        raise KernelLoadError(f"{name}: does not fit in guest memory at {addr:#x} (more memory?)") from exc
     # A non-relocatable kernel decompresses itself to pref_address (LOAD_PHYSICAL_ADDR): that must be RAM.
     end = max(addr + need, (hdr.pref_address + hdr.init_size) if not hdr.relocatable else 0)
     if end > ram_end:

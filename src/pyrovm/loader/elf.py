@@ -7,6 +7,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from pyrovm.errors import ConfigError
 from pyrovm.memory import GuestMemory, GuestMemoryError
 
 ELF_MAGIC = b"\x7fELF"
@@ -22,7 +23,7 @@ _PHDR = struct.Struct("<IIQQQQQQ")
 _NHDR = struct.Struct("<III")
 
 
-class KernelLoadError(ValueError):
+class KernelLoadError(ConfigError):
     """The file is not a kernel pyrovm can load, or it does not fit in guest memory."""
 
 
@@ -105,10 +106,10 @@ def load_elf(mem: GuestMemory, data: bytes, name: str = "kernel") -> ElfKernel:
             mem.write(paddr, memoryview(data)[off : off + filesz])
             if memsz > filesz:
                 mem.fill(paddr + filesz, memsz - filesz)
-        except GuestMemoryError:
+        except GuestMemoryError as exc:
             raise KernelLoadError(
                 f"{name}: segment at {paddr:#x}+{memsz:#x} does not fit in guest memory (more memory?)"
-            ) from None
+            ) from exc
         lo = paddr if lo is None else min(lo, paddr)
         hi = max(hi, paddr + memsz)
     if lo is None:

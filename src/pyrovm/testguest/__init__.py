@@ -85,6 +85,13 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from pyrovm.errors import PyrovmError
+
+
+class GuestBuildError(PyrovmError, RuntimeError):
+    """The test guest could not be built (no gcc, a compiler error)."""
+
+
 __all__ = ["QEMU_ARGS", "SOURCE_DIR", "build", "cache_dir", "qemu_command", "source_hash"]
 
 SOURCE_DIR = Path(__file__).resolve().parent
@@ -125,7 +132,7 @@ def _source_files() -> list[Path]:
 def _require_tools() -> None:
     missing = [tool for tool in ("gcc", "make") if shutil.which(tool) is None]
     if missing:
-        raise RuntimeError(
+        raise GuestBuildError(
             f"cannot build the pyrovm test guest: {' and '.join(missing)} not found on PATH "
             "(install them, e.g. `apt-get install gcc make`)"
         )
@@ -141,7 +148,7 @@ def source_hash() -> str:
         h.update(data)
     gcc = subprocess.run(["gcc", "--version"], capture_output=True)
     if gcc.returncode != 0:
-        raise RuntimeError(f"`gcc --version` failed: {gcc.stderr.decode(errors='replace')}")
+        raise GuestBuildError(f"`gcc --version` failed: {gcc.stderr.decode(errors='replace')}")
     h.update(gcc.stdout)
     return h.hexdigest()
 
@@ -168,7 +175,7 @@ def build(force: bool = False) -> Path:
             text=True,
         )
         if proc.returncode != 0:
-            raise RuntimeError(f"building the pyrovm test guest failed:\n{proc.stderr}{proc.stdout}")
+            raise GuestBuildError(f"building the pyrovm test guest failed:\n{proc.stderr}{proc.stdout}")
         for obj in tmp.glob("*.o"):
             obj.unlink()
         if final.exists():  # forced rebuild, or a broken entry

@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from pyrovm.errors import ConfigError
 from pyrovm.memory import GuestMemory
 
 from . import layout
@@ -80,7 +81,7 @@ def write_cmdline(
 ) -> int:
     """Write the NUL-terminated command line; returns its address."""
     if len(cmdline) + 1 > max_size:
-        raise ValueError(f"kernel command line is {len(cmdline)} bytes, the limit is {max_size - 1}")
+        raise ConfigError(f"kernel command line is {len(cmdline)} bytes, the limit is {max_size - 1}")
     mem.write(addr, cmdline + b"\0")
     return addr
 
@@ -100,7 +101,7 @@ def write_zero_page(
     first; without it (vmlinux, the test guest) a minimal valid header is made.
     """
     if len(e820) > E820_MAX_ENTRIES:
-        raise ValueError(f"{len(e820)} e820 entries, the zero page holds {E820_MAX_ENTRIES}")
+        raise ConfigError(f"{len(e820)} e820 entries, the zero page holds {E820_MAX_ENTRIES}")
     bp = bytearray(BOOT_PARAMS_SIZE)
     if setup_header is not None:
         bp[SETUP_HEADER_START : SETUP_HEADER_START + len(setup_header)] = setup_header
@@ -135,7 +136,7 @@ def write_pvh_start_info(
 ) -> int:
     """Write ``hvm_start_info`` (version 1, with a memory map and an optional initrd module)."""
     if len(e820) > layout.PVH_MEMMAP_MAX_ENTRIES:
-        raise ValueError("too many memory map entries for the PVH start_info")
+        raise ConfigError("too many memory map entries for the PVH start_info")
     for i, ent in enumerate(e820):
         PVH_MEMMAP_ENTRY.pack_into(
             mem.view(memmap_addr + i * PVH_MEMMAP_ENTRY.size, PVH_MEMMAP_ENTRY.size),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from pyrovm.errors import ConfigError
 from pyrovm.memory import GuestMemory
 
 from . import layout
@@ -58,7 +59,7 @@ def _checksum_byte(data: bytes | bytearray) -> int:
 def build(cpus: int, addr: int = layout.MPTABLE_START) -> bytes:
     """The floating pointer and configuration table for *cpus* vCPUs, as placed at *addr*."""
     if not 1 <= cpus <= 254:
-        raise ValueError(f"{cpus} vCPUs: the MP table (8-bit APIC ids, IOAPIC id after them) takes 1..254")
+        raise ConfigError(f"{cpus} vCPUs: the MP table (8-bit APIC ids, IOAPIC id after them) takes 1..254")
     ioapic_id = cpus
     entries: list[bytes] = []
     for i in range(cpus):
