@@ -14,11 +14,12 @@ turns them off.
 
 from __future__ import annotations
 
-import sys
+import logging
 import threading
 
 from .kvm import is_pvm_host
 from .loader.bzimage import is_bzimage
+from .loader.cmdline import Cmdline
 from .loader.elf import is_elf, iter_notes, note_segments
 
 #: Kernel command-line options Linux needs on PVM (see /work/shared/notes/environment.md).
@@ -30,11 +31,12 @@ PVM_CMDLINE_OPTIONS: tuple[str, ...] = (
 )
 PVM_CPU_VENDOR = "GenuineIntel"
 PVM_WARNING = (
-    "pyrovm: this host's KVM is PVM: guest kernel code is emulated here (slow: a Linux boot takes about a "
+    "this host's KVM is PVM: guest kernel code is emulated here (slow: a Linux boot takes about a "
     "minute) and guest user space cannot make system calls (init dies at its first one); pyrovm adds "
     "Linux command-line workarounds (--no-host-workarounds turns them off)"
 )
 
+log = logging.getLogger(__name__)
 _warned = False
 _warn_lock = threading.Lock()
 
@@ -53,20 +55,18 @@ def is_linux_kernel(data: bytes) -> bool:
 def pvm_cmdline(cmdline: str) -> str:
     """*cmdline* plus the PVM options it does not already have (an option already given, with any value,
     is left as the user wrote it)."""
-    words = cmdline.split()
-    keys = {w.split("=", 1)[0] for w in words}
-    extra = [opt for opt in PVM_CMDLINE_OPTIONS if opt.split("=", 1)[0] not in keys]
-    return " ".join([*words, *extra]) if extra else cmdline
+    return str(Cmdline(cmdline).add_missing(*PVM_CMDLINE_OPTIONS))
 
 
 def warn_once() -> None:
-    """Tell the user once per process (on stderr) what PVM means for a Linux guest."""
+    """Tell the user once per process (a warning on the ``pyrovm.host`` logger) what PVM means for a Linux
+    guest."""
     global _warned
     with _warn_lock:
         if _warned:
             return
         _warned = True
-    print(PVM_WARNING, file=sys.stderr, flush=True)
+    log.warning("%s", PVM_WARNING)
 
 
 def workarounds_apply(data: bytes, enabled: bool = True, pvm: bool | None = None) -> bool:
