@@ -1,0 +1,396 @@
+"""What a VM is made of: :class:`VmConfig` and its device specs, validated without ``/dev/kvm``.
+
+A :class:`VmConfig` holds every option of ``pyrovm run`` and of :class:`pyrovm.VM`.  It is frozen: a
+changed VM is a new config (:meth:`VmConfig.replace`).  :meth:`VmConfig.validate` checks it against the
+host's files and memory only (no KVM), and raises :class:`ConfigError` with one line naming the problem.
+:meth:`VmConfig.to_json` / :meth:`VmConfig.from_json` turn it into plain JSON data and back (the API and
+snapshot files carry it); unknown keys are refused.
+
+The builder (:mod:`pyrovm.builder`) turns a validated config into a running machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .loader.cmdline import Cmdline
+
+DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1"
+DEFAULT_MEMORY = 128 << 20
+MIN_MEMORY = 8 << 20
+MAX_CPUS = 254  # 8-bit APIC ids, and the IOAPIC's id after them in the MP table
+BOOT_MODES = ("auto", "pvh", "linux64")
+#: The generic kernel command-line limit (a bzImage may accept less: checked when it is loaded).
+CMDLINE_LIMIT = 0xFFFF
+SERIAL_MAX = 20  # virtio-blk id bytes
+
+
+def parse_size(value: str | int, what: str = "memory") -> int:
+    """``"128M"``, ``"1G"``, ``"512K"``, ``"4096B"`` → bytes; a bare number (or an int) is MiB, as in QEMU."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ConfigError(f"{what} size {value!r} is not a size like 128M, 1G or 512K")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{what} size {value} is negative")
+        return value << 20
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", value, re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"{what} size {value!r} is not a size like 128M, 1G or 512K")
+    n = int(m.group(1))
+    unit = m.group(2).upper()
+    if not unit:
+        return n if (m.group(3) or "").upper() == "B" else n << 20
+    return n << {"K": 10, "M": 20, "G": 30, "T": 40}[unit]
+
+
+def host_memory() -> int:
+    """Bytes of RAM this host has."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) << 10
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """One virtio-blk disk: ``PATH[,ro][,serial=ID]``."""
+
+    path: Path
+    read_only: bool = False
+    serial: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> DiskSpec:
+        path, *opts = spec.split(",")
+        if not path:
+            raise ConfigError(f"disk {spec!r}: no path (use PATH[,ro][,serial=ID])")
+        read_only = False
+        serial = None
+        for opt in opts:
+            if opt in ("ro", "readonly"):
+                read_only = True
+            elif opt == "rw":
+                read_only = False
+            elif opt.startswith("serial="):
+                serial = opt[7:]
+            else:
+                raise ConfigError(f"disk {spec!r}: unknown option {opt!r} (ro, rw, serial=ID)")
+        return cls(Path(path), read_only, serial)
+
+    @classmethod
+    def of(cls, spec: str | os.PathLike[str] | DiskSpec) -> DiskSpec:
+        """A DiskSpec from a spec string, a path, or a DiskSpec."""
+        if isinstance(spec, DiskSpec):
+            return spec
+        return cls.parse(spec) if isinstance(spec, str) else cls(Path(spec))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": str(self.path), "read_only": self.read_only, "serial": self.serial}
+
+    @classmethod
+    def from_json(cls, data: Any) -> DiskSpec:
+        fields = _object(data, "disk", {"path", "read_only", "serial"})
+        if "path" not in fields:
+            raise ConfigError("disk: 'path' is required")
+        return cls(
+            Path(_typed(fields["path"], str, "disk path")),
+            bool(_typed(fields.get("read_only", False), bool, "disk read_only")),
+            _typed(fields.get("serial"), str | None, "disk serial"),  # type: ignore[arg-type]
+        )
+
+    def validate(self) -> None:
+        what = f"disk {self.path}"
+        st = _stat(self.path, what)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise ConfigError(f"{what}: not a regular file or block device")
+        mode = os.R_OK if self.read_only else os.R_OK | os.W_OK
+        if not os.access(self.path, mode):
+            raise ConfigError(f"{what}: not {'readable' if self.read_only else 'writable'}")
+        if self.serial is not None:
+            if not self.serial.isascii() or len(self.serial) > SERIAL_MAX:
+                raise ConfigError(f"{what}: serial {self.serial!r}: at most {SERIAL_MAX} ASCII characters")
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    """Everything a VM is built from (every option of ``pyrovm run`` and of :class:`pyrovm.VM`)."""
+
+    kernel: Path
+    memory: int = DEFAULT_MEMORY  # bytes
+    cpus: int = 1
+    cmdline: str = DEFAULT_CMDLINE
+    initrd: Path | None = None
+    boot: str = "auto"  # auto | pvh | linux64
+    cpu_vendor: str | None = None  # 12 characters, e.g. GenuineIntel; None: the host's
+    disks: tuple[DiskSpec, ...] = ()
+    rootfs: DiskSpec | None = None  # put first (/dev/vda) and booted as the root
+    rng: bool = False
+    rng_rate: int | None = None  # bytes per second
+    host_workarounds: bool = True  # PVM hosts only (see pyrovm.host)
+    boot_marker: str | None = None  # regular expression over console lines
+    console: str = "none"  # none | stdio | file:PATH
+    metrics_path: Path | None = None
+    timeout: float | None = None  # seconds; None: no limit
+    kvm_device: str = "/dev/kvm"
+
+    def __post_init__(self) -> None:
+        # accept lists and plain strings where tuples and Paths belong (frozen: through object.__setattr__)
+        object.__setattr__(self, "kernel", Path(self.kernel))
+        if self.initrd is not None:
+            object.__setattr__(self, "initrd", Path(self.initrd))
+        object.__setattr__(self, "disks", tuple(DiskSpec.of(d) for d in self.disks))
+        if self.rootfs is not None:
+            object.__setattr__(self, "rootfs", DiskSpec.of(self.rootfs))
+        if self.metrics_path is not None:
+            object.__setattr__(self, "metrics_path", Path(self.metrics_path))
+        if self.rng_rate is not None and not self.rng:
+            object.__setattr__(self, "rng", True)
+
+    def replace(self, **changes: Any) -> VmConfig:
+        """A copy with *changes*."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def all_disks(self) -> tuple[DiskSpec, ...]:
+        """The virtio-blk disks in guest order (the root file system first)."""
+        return ((self.rootfs,) if self.rootfs is not None else ()) + self.disks
+
+    @property
+    def console_path(self) -> Path | None:
+        return Path(self.console[5:]) if self.console.startswith("file:") else None
+
+    # -- validation ----------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check everything that can be checked without KVM; :class:`ConfigError` names the problem."""
+        for check in self._checks():
+            check()
+
+    def _checks(self) -> Iterator[Any]:
+        yield self._check_kernel
+        yield self._check_memory
+        yield self._check_cpus
+        yield self._check_options
+        yield self._check_disks
+        yield self._check_outputs
+
+    def _check_kernel(self) -> None:
+        _readable_file(self.kernel, f"kernel {self.kernel}", self.memory)
+        if self.initrd is not None:
+            _readable_file(self.initrd, f"initrd {self.initrd}", self.memory)
+        try:
+            Cmdline(self.cmdline).encode(CMDLINE_LIMIT)
+        except ConfigError as exc:
+            raise ConfigError(f"command line: {exc}") from exc
+
+    def _check_memory(self) -> None:
+        if not isinstance(self.memory, int) or isinstance(self.memory, bool):
+            raise ConfigError(f"memory {self.memory!r}: not a number of bytes")
+        if self.memory < MIN_MEMORY:
+            raise ConfigError(f"memory {self.memory >> 20} MiB is too small: at least {MIN_MEMORY >> 20} MiB")
+        if self.memory % 4096:
+            raise ConfigError("memory size must be a multiple of 4 KiB")
+        host = host_memory()
+        if self.memory > host:
+            raise ConfigError(f"memory {self.memory >> 20} MiB is more than this host has ({host >> 20} MiB)")
+
+    def _check_cpus(self) -> None:
+        if not isinstance(self.cpus, int) or isinstance(self.cpus, bool) or self.cpus < 1:
+            raise ConfigError(f"cpus must be at least 1, not {self.cpus}")
+        if self.cpus > MAX_CPUS:
+            raise ConfigError(f"{self.cpus} vCPUs: at most {MAX_CPUS} (8-bit APIC ids)")
+
+    def _check_options(self) -> None:
+        if self.boot not in BOOT_MODES:
+            raise ConfigError(f"boot mode {self.boot!r}: choose auto, pvh or linux64")
+        if self.cpu_vendor is not None and (len(self.cpu_vendor) != 12 or not self.cpu_vendor.isascii()):
+            raise ConfigError(f"CPU vendor {self.cpu_vendor!r}: 12 ASCII characters, e.g. GenuineIntel")
+        if self.rng_rate is not None and (not isinstance(self.rng_rate, int) or self.rng_rate <= 0):
+            raise ConfigError(f"rng rate {self.rng_rate}: must be a positive number of bytes per second")
+        if self.timeout is not None and (
+            not isinstance(self.timeout, int | float) or math.isnan(self.timeout) or self.timeout < 0
+        ):
+            raise ConfigError(f"timeout {self.timeout}: must be a number of seconds, 0 or more")
+        if self.boot_marker is not None:
+            try:
+                re.compile(self.boot_marker.encode())
+            except (re.error, UnicodeEncodeError) as exc:
+                marker = self.boot_marker
+                raise ConfigError(f"boot marker {marker!r}: not a regular expression ({exc})") from exc
+
+    def _check_disks(self) -> None:
+        seen: dict[tuple[int, int], Path] = {}
+        for disk in self.all_disks:
+            disk.validate()
+            st = os.stat(disk.path)
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                raise ConfigError(f"disk {disk.path}: the same image as disk {seen[key]} (given twice)")
+            seen[key] = disk.path
+
+    def _check_outputs(self) -> None:
+        if self.console not in ("none", "stdio") and self.console_path is None:
+            raise ConfigError(f"console {self.console!r}: use stdio, none or file:PATH")
+        outputs = [(f"console file {p}", p) for p in [self.console_path] if p is not None]
+        outputs += [(f"metrics file {p}", p) for p in [self.metrics_path] if p is not None]
+        inputs = [("kernel", self.kernel)] + [("initrd", p) for p in [self.initrd] if p is not None]
+        inputs += [(f"disk {d.path}", d.path) for d in self.all_disks]
+        for what, path in outputs:
+            _writable_path(path, what)
+            for other, ipath in inputs + [(w, p) for w, p in outputs if w != what]:
+                if _same_file(path, ipath):
+                    raise ConfigError(f"{what}: it is also the {other}: refusing to overwrite it")
+
+    # -- JSON ------------------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON data (every field; paths as strings)."""
+        return {
+            "kernel": str(self.kernel),
+            "memory": self.memory,
+            "cpus": self.cpus,
+            "cmdline": self.cmdline,
+            "initrd": None if self.initrd is None else str(self.initrd),
+            "boot": self.boot,
+            "cpu_vendor": self.cpu_vendor,
+            "disks": [d.to_json() for d in self.disks],
+            "rootfs": None if self.rootfs is None else self.rootfs.to_json(),
+            "rng": self.rng,
+            "rng_rate": self.rng_rate,
+            "host_workarounds": self.host_workarounds,
+            "boot_marker": self.boot_marker,
+            "console": self.console,
+            "metrics_path": None if self.metrics_path is None else str(self.metrics_path),
+            "timeout": self.timeout,
+            "kvm_device": self.kvm_device,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> VmConfig:
+        """The config :meth:`to_json` gave (missing keys take their defaults); ConfigError on bad data."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        fields = _object(data, "config", names)
+        if "kernel" not in fields:
+            raise ConfigError("config: 'kernel' is required")
+        kwargs: dict[str, Any] = {}
+        for name, value in fields.items():
+            kwargs[name] = _JSON_FIELDS[name](value)
+        return cls(**kwargs)
+
+
+def _opt(kind: Any, convert: Any = None) -> Any:
+    def parse(value: Any, name: str) -> Any:
+        if value is None:
+            return None
+        value = _typed(value, kind, name)
+        return convert(value) if convert else value
+
+    return parse
+
+
+def _req(kind: Any, convert: Any = None) -> Any:
+    def parse(value: Any, name: str) -> Any:
+        value = _typed(value, kind, name)
+        return convert(value) if convert else value
+
+    return parse
+
+
+def _disk_list(value: Any, name: str) -> tuple[DiskSpec, ...]:
+    return tuple(DiskSpec.from_json(d) for d in _typed(value, list, name))
+
+
+def _named(parsers: dict[str, Any]) -> dict[str, Any]:
+    return {name: (lambda value, p=p, name=name: p(value, name)) for name, p in parsers.items()}
+
+
+_JSON_FIELDS: dict[str, Any] = _named(
+    {
+        "kernel": _req(str, Path),
+        "memory": _req(int),
+        "cpus": _req(int),
+        "cmdline": _req(str),
+        "initrd": _opt(str, Path),
+        "boot": _req(str),
+        "cpu_vendor": _opt(str),
+        "disks": _disk_list,
+        "rootfs": lambda value, name: None if value is None else DiskSpec.from_json(value),
+        "rng": _req(bool),
+        "rng_rate": _opt(int),
+        "host_workarounds": _req(bool),
+        "boot_marker": _opt(str),
+        "console": _req(str),
+        "metrics_path": _opt(str, Path),
+        "timeout": _opt(int | float, float),
+        "kvm_device": _req(str),
+    }
+)
+
+
+def _object(data: Any, what: str, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what}: expected a JSON object, not {type(data).__name__}")
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"{what}: unknown field(s) {', '.join(map(repr, unknown))}")
+    return data
+
+
+def _typed(value: Any, kind: Any, name: str) -> Any:
+    if isinstance(value, bool) and kind in (int, int | float):
+        raise ConfigError(f"{name}: expected a number, not {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{name}: {value!r} has the wrong type")
+    return value
+
+
+def _stat(path: Path, what: str) -> os.stat_result:
+    try:
+        return os.stat(path)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{what}: no such file") from exc
+    except OSError as exc:
+        raise ConfigError(f"{what}: {exc.strerror}") from exc
+
+
+def _readable_file(path: Path, what: str, memory: int) -> None:
+    st = _stat(path, what)
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{what}: not a regular file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{what}: not readable")
+    if isinstance(memory, int) and st.st_size > memory:
+        raise ConfigError(f"{what}: {st.st_size} bytes, more than the guest's memory ({memory} bytes)")
+
+
+def _writable_path(path: Path, what: str) -> None:
+    if path.is_dir():
+        raise ConfigError(f"{what}: is a directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ConfigError(f"{what}: directory {parent} does not exist")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{what}: not writable")
+    if not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what}: directory {parent} is not writable")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.resolve() == b.resolve():
+            return True
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
