@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 DEFAULT_LIMIT = 64 << 20
@@ -104,3 +104,65 @@ class ConsoleLog:
                 yield chunk
             if done:
                 return
+
+
+#: A Linux panic line on the console; the VM ends with ExitReason.PANIC when the guest then resets or
+#: stops, or PANIC_GRACE seconds later (the rest of the panic report is kept in the console log).
+PANIC_RE = re.compile(rb"Kernel panic - not syncing")
+PANIC_GRACE = 10.0
+#: Console lines longer than this are scanned in pieces.
+LINE_LIMIT = 4096
+
+
+class ConsoleWatcher:
+    """Feeds UART output to a :class:`ConsoleLog` and scans it line by line: the first line matching the
+    boot marker sets :attr:`boot_marker_at`; a Linux panic line is reported to *on_panic* at once (the
+    message) and to *on_panic_final* after :data:`PANIC_GRACE` seconds unless :meth:`cancel` came first."""
+
+    def __init__(
+        self,
+        log: ConsoleLog,
+        boot_marker: str | None = None,
+        on_panic: Callable[[str], object] | None = None,
+        on_panic_final: Callable[[str], object] | None = None,
+    ) -> None:
+        self.log = log
+        self._marker = re.compile(boot_marker.encode()) if boot_marker else None
+        self._on_panic = on_panic
+        self._on_panic_final = on_panic_final
+        self._line = bytearray()
+        self._timer: threading.Timer | None = None
+        self.boot_marker_at: float | None = None
+        #: callables (time, line), called from a vCPU thread when the boot marker is seen
+        self.on_boot_marker: list[Callable[[float, str], object]] = []
+        self.panic_message: str | None = None
+
+    def write(self, data: bytes) -> None:
+        """UART output: into the log; whole lines also to the scanners."""
+        self.log.write(data)
+        line = self._line
+        line += data
+        if b"\n" in data or len(line) > LINE_LIMIT:
+            self._line = bytearray()
+            self._scan(bytes(line))
+
+    def _scan(self, line: bytes) -> None:
+        rx = self._marker
+        if rx is not None and self.boot_marker_at is None and rx.search(line):
+            self.boot_marker_at = now = time.monotonic()
+            for cb in self.on_boot_marker:
+                cb(now, line.decode("utf-8", "replace").rstrip())
+        if self.panic_message is None and PANIC_RE.search(line):
+            self.panic_message = message = line.decode("utf-8", "replace").strip()
+            if self._on_panic is not None:
+                self._on_panic(message)
+            if self._on_panic_final is not None:
+                timer = threading.Timer(PANIC_GRACE, self._on_panic_final, (message,))
+                timer.daemon = True
+                self._timer = timer
+                timer.start()
+
+    def cancel(self) -> None:
+        """No more panic deadline (the VM ended)."""
+        if self._timer is not None:
+            self._timer.cancel()

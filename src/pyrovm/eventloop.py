@@ -17,6 +17,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from .errors import StateError
+
 log = logging.getLogger(__name__)
 
 Callback = Callable[[], None]
@@ -88,6 +90,8 @@ class EventLoop:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._unpark = threading.Event()
+        self._unpark.set()
         #: Exceptions raised by callbacks (logged, never fatal to the loop).
         self.errors = 0
         self.callbacks_run = 0
@@ -175,6 +179,7 @@ class EventLoop:
         if thread is None:
             return
         self._stopping = True
+        self._unpark.set()
         self._wakeup.write()
         if thread is not threading.current_thread():
             thread.join(timeout)
@@ -182,6 +187,36 @@ class EventLoop:
                 log.error("%s: event loop thread did not stop within %s s", self.name, timeout)
                 return
         self._thread = None
+
+    def pause(self, timeout: float = 5.0) -> None:
+        """Park the loop thread between two callbacks and return once it is parked: until :meth:`resume`,
+        no callback runs (eventfds and timers that fire meanwhile are served after it).  Does nothing when
+        the loop is not running or when called from the loop thread itself."""
+        if not self.running or threading.current_thread() is self._thread or not self._unpark.is_set():
+            return
+        parked = threading.Event()
+        self._unpark.clear()
+
+        def park() -> None:
+            parked.set()
+            self._unpark.wait()
+
+        self.call_soon_threadsafe(park)
+        while not parked.wait(0.05):
+            if not self.running:
+                return
+            if timeout <= 0:
+                self._unpark.set()
+                raise StateError(f"{self.name}: the I/O thread did not park")
+            timeout -= 0.05
+
+    def resume(self) -> None:
+        """Let a paused loop go on."""
+        self._unpark.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._unpark.is_set()
 
     @property
     def running(self) -> bool:
