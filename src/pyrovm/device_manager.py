@@ -1,0 +1,229 @@
+"""Every device of a VM, legacy and virtio, with the buses they sit on, the I/O thread that serves them
+and every eventfd wired to KVM for them.
+
+Legacy devices (port I/O): the 16550A UART (COM1, IRQ 4), the i8042 (its reset line ends the VM), the
+``isa-debug-exit`` compatible exit port (0xf4), the CMOS RTC; on MMIO the boot-timer device.
+
+virtio-mmio devices: each gets a 4 KiB slot above RAM (``layout.VIRTIO_MMIO_BASE`` + i * 4 KiB) and an
+IOAPIC pin.  Queue notifications reach the device without a vCPU round trip: KVM signals an eventfd per
+queue (``KVM_IOEVENTFD`` on the slot's QueueNotify register, matched on the queue index), which the I/O
+thread's event loop waits on.  Interrupts go out through an eventfd bound to the pin with ``KVM_IRQFD``.
+Linux learns of the devices from ``virtio_mmio.device=4K@BASE:IRQ`` on its command line.
+
+The manager makes only three KVM calls (``irq_line``, ``ioeventfd``, ``irqfd``), through the
+:class:`IrqWiring` protocol, which :class:`pyrovm.kvm.Vm` implements and tests fake.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .arch.x86 import layout
+from .config import DiskSpec
+from .devices.boot_timer import BootTimer
+from .devices.bus import Bus
+from .devices.debug_exit import DebugExit
+from .devices.i8042 import I8042
+from .devices.rtc import Rtc
+from .devices.serial import Serial
+from .devices.virtio import (
+    MMIO_SLOT_SIZE,
+    QUEUE_NOTIFY,
+    BlockError,
+    VirtioBlock,
+    VirtioDevice,
+    VirtioMmioTransport,
+    VirtioRng,
+    cmdline_fragment,
+)
+from .errors import ConfigError
+from .eventloop import EventFd, EventLoop
+from .memory import GuestMemory
+
+#: IOAPIC pins free for virtio devices (0 timer, 1 keyboard, 2 cascade, 4 COM1, 8 RTC, 12 mouse, 13 FPU).
+VIRTIO_IRQS = (5, 6, 7, 9, 10, 11, 14, 15, 3, 16, 17, 18, 19, 20, 21, 22, 23)
+MAX_VIRTIO_DEVICES = min(layout.VIRTIO_MMIO_MAX_SLOTS, len(VIRTIO_IRQS))
+
+
+class IrqWiring(Protocol):
+    """The KVM calls the device manager makes (implemented by :class:`pyrovm.kvm.Vm`)."""
+
+    def irq_line(self, irq: int, level: bool) -> None: ...
+
+    def ioeventfd(
+        self,
+        fd: int,
+        addr: int,
+        length: int,
+        datamatch: int | None = None,
+        pio: bool = False,
+        deassign: bool = False,
+    ) -> None: ...
+
+    def irqfd(self, fd: int, gsi: int, deassign: bool = False) -> None: ...
+
+
+@dataclass
+class PlatformHooks:
+    """What the legacy devices tell the rest of the VMM."""
+
+    console_out: Callable[[bytes], object]  # UART output
+    on_reset: Callable[[], None]  # the guest reset the machine (i8042)
+    on_exit_port: Callable[[int], None]  # the guest wrote its status to the exit port
+    on_boot_timer: Callable[[float], None]  # the guest wrote 123 to the boot-timer device
+
+
+@dataclass
+class VirtioSlot:
+    """One virtio-mmio device as wired: its slot, pin, transport and eventfds."""
+
+    name: str
+    base: int
+    irq: int
+    transport: VirtioMmioTransport
+    irq_fd: EventFd
+    notify_fds: list[tuple[int, EventFd]]
+
+
+class DeviceManager:
+    """Creates, wires, serves and releases the devices of one VM."""
+
+    def __init__(self, wiring: IrqWiring, memory: GuestMemory) -> None:
+        self._wiring = wiring
+        self._memory = memory
+        self.pio_bus = Bus("pio")
+        self.mmio_bus = Bus("mmio")
+        self.loop = EventLoop()
+        self.slots: list[VirtioSlot] = []
+        self._closed_metrics: dict[str, dict[str, int]] | None = None
+
+    # -- legacy devices ----------------------------------------------------------------------------------
+    def add_platform_devices(self, hooks: PlatformHooks) -> None:
+        """The UART, i8042, exit port, CMOS RTC and boot-timer device at their fixed addresses."""
+        wiring = self._wiring
+        self.serial = Serial(
+            out=hooks.console_out, irq=lambda level: wiring.irq_line(layout.UART_COM1_IRQ, level)
+        )
+        self.pio_bus.register(layout.UART_COM1_PORT, 8, self.serial, "uart0")
+        self.i8042 = I8042(on_reset=hooks.on_reset)
+        self.pio_bus.register(layout.I8042_PORT, 5, self.i8042, "i8042")
+        self.debug_exit = DebugExit(hooks.on_exit_port)
+        self.pio_bus.register(layout.EXIT_PORT, 4, self.debug_exit, "exit-port")
+        self.rtc = Rtc()
+        self.pio_bus.register(layout.RTC_PORT, 2, self.rtc, "rtc")
+        self.boot_timer = BootTimer(hooks.on_boot_timer)
+        self.mmio_bus.register(layout.BOOT_TIMER_MMIO_ADDR, 8, self.boot_timer, "boot-timer")
+
+    # -- virtio devices ----------------------------------------------------------------------------------
+    def add_virtio(self, device: VirtioDevice, name: str | None = None) -> VirtioSlot:
+        """Put *device* in the next free slot and wire its interrupt and queue notifications."""
+        i = len(self.slots)
+        if i >= MAX_VIRTIO_DEVICES:
+            raise ConfigError(f"too many virtio devices (at most {MAX_VIRTIO_DEVICES})")
+        base = layout.VIRTIO_MMIO_BASE + i * layout.VIRTIO_MMIO_SLOT_SIZE
+        irq = VIRTIO_IRQS[i]
+        irq_fd = EventFd()
+        notify: list[tuple[int, EventFd]] = []
+        label = name or device.name
+        try:
+            self._wiring.irqfd(irq_fd.fd, irq)
+            transport = VirtioMmioTransport(device, self._memory, irq_fd.write)
+            notify = transport.notify_eventfds(self.loop)
+            for index, efd in notify:
+                self._wiring.ioeventfd(efd.fd, base + QUEUE_NOTIFY, 4, datamatch=index)
+            self.mmio_bus.register(base, MMIO_SLOT_SIZE, transport, label)
+        except BaseException:
+            self._release_fds(irq_fd, notify)
+            raise
+        slot = VirtioSlot(label, base, irq, transport, irq_fd, notify)
+        self.slots.append(slot)
+        return slot
+
+    def add_disk(self, spec: DiskSpec, index: int) -> VirtioSlot:
+        """virtio-blk for *spec* as ``/dev/vd<letter of index>``; ConfigError when it cannot be opened."""
+        name = f"vd{chr(ord('a') + index)}"
+        try:
+            dev = VirtioBlock(spec.path, read_only=spec.read_only, serial=spec.serial, name=name)
+        except BlockError as exc:
+            raise ConfigError(str(exc)) from exc
+        try:
+            return self.add_virtio(dev, f"virtio-blk:{name}")
+        except BaseException:
+            dev.close()
+            raise
+
+    def add_rng(self, rate_bytes_per_s: int | None = None) -> VirtioSlot:
+        dev = VirtioRng(rate_bytes_per_s=rate_bytes_per_s, scheduler=self.loop)
+        return self.add_virtio(dev, "virtio-rng")
+
+    def cmdline_words(self) -> list[str]:
+        """The ``virtio_mmio.device=`` words announcing every virtio device."""
+        return [cmdline_fragment(s.base, s.irq) for s in self.slots]
+
+    # -- running -----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the I/O thread (only when there are virtio devices to serve)."""
+        if self.slots:
+            self.loop.start()
+
+    def pause(self) -> None:
+        """Returns once the I/O thread is parked between callbacks: no device touches guest memory."""
+        self.loop.pause()
+
+    def resume(self) -> None:
+        self.loop.resume()
+
+    def send_input(self, data: bytes) -> None:
+        """Bytes typed on the serial console."""
+        self.serial.receive(data)
+
+    # -- state and counters ------------------------------------------------------------------------------
+    def metrics(self) -> dict[str, dict[str, int]]:
+        """Per-virtio-device counters (still answered after :meth:`close`)."""
+        if self._closed_metrics is not None:
+            return self._closed_metrics
+        return {s.name: s.transport.metrics() for s in self.slots}
+
+    def platform_metrics(self) -> dict[str, Any]:
+        return {
+            "serial": {"tx_bytes": self.serial.stats.tx_bytes} if hasattr(self, "serial") else {},
+            "pio_unclaimed": self.pio_bus.stats.unclaimed_reads + self.pio_bus.stats.unclaimed_writes,
+            "mmio_unclaimed": self.mmio_bus.stats.unclaimed_reads + self.mmio_bus.stats.unclaimed_writes,
+        }
+
+    def save_state(self) -> dict[str, Any]:
+        """The state of every device, by name (each a device's own ``State`` dataclass)."""
+        states: dict[str, Any] = {}
+        for name in ("serial", "i8042", "debug_exit", "rtc", "boot_timer"):
+            dev = getattr(self, name, None)
+            if dev is not None:
+                states[name] = dev.save_state()
+        for slot in self.slots:
+            states[slot.name] = slot.transport.save_state()
+        return states
+
+    # -- releasing ---------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the I/O thread and release every eventfd and backend file (disk images unlocked)."""
+        if self._closed_metrics is None:
+            self._closed_metrics = {s.name: s.transport.metrics() for s in self.slots}
+        if self.loop.running:
+            self.loop.stop()
+        for s in self.slots:
+            for _, efd in s.notify_fds:
+                self.loop.remove_reader(efd.fd)
+            self._release_fds(s.irq_fd, s.notify_fds)
+            close = getattr(s.transport.device, "close", None)
+            if close is not None:
+                close()
+        self.loop.close()
+        self.slots.clear()
+
+    def _release_fds(self, irq_fd: EventFd, notify: list[tuple[int, EventFd]]) -> None:
+        for _, efd in notify:
+            self.loop.remove_reader(efd.fd)
+            efd.close()
+        irq_fd.close()
+
