@@ -55,7 +55,8 @@ def _check_memory(text: str, size_mib: int) -> None:
 
 
 def test_two_cpus_512m_boot_to_init(kernel: Path, initramfs: Path) -> None:
-    """2 vCPUs, 512 MiB: SMP through the MP table, memory, RTC, boot marker, init started."""
+    """2 vCPUs, 512 MiB: SMP through the MP table, memory, RTC, boot marker, init started; paused for 2 s
+    in the middle of the boot (console and exits stand still) and resumed."""
     vm = VM(
         kernel,
         memory="512M",
@@ -66,6 +67,13 @@ def test_two_cpus_512m_boot_to_init(kernel: Path, initramfs: Path) -> None:
     )
     try:
         vm.start()
+        # paused in the middle of the boot: nothing moves; resumed: it goes on to init
+        assert vm.console.wait_for("Brought up 1 node", timeout=BOOT_TIMEOUT), _tail(vm.console.text)
+        vm.pause()
+        frozen, exits = len(vm.console.data), vm.exit_counts()["exits"]
+        time.sleep(2)
+        assert (len(vm.console.data), vm.exit_counts()["exits"]) == (frozen, exits)
+        vm.resume()
         result = vm.wait(BOOT_TIMEOUT)
     finally:
         vm.close()

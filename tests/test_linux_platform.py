@@ -383,9 +383,9 @@ def test_panic_then_reset_is_panic(tmp_path: Path) -> None:
 
 @needs_kvm
 def test_panic_without_reset_ends_after_grace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pyrovm import vmm
+    from pyrovm import console, vmm
 
-    monkeypatch.setattr(vmm, "PANIC_GRACE", 0.5)
+    monkeypatch.setattr(console, "PANIC_GRACE", 0.5)
     code = _uart_text(b"Kernel panic - not syncing: hang\n") + rawelf.JMP_SELF
     kernel = rawelf.make_elf(code, tmp_path / "panic.elf")
     with vmm.VM(kernel=kernel, memory="32M") as vm:

@@ -53,7 +53,7 @@ def test_every_vcpu_reports_its_apic_id(guest: Path, cpus: int) -> None:
 def test_unclaimed_exits_counted(guest: Path, kind: str) -> None:
     with VM(guest, memory="32M", cmdline=f"test={kind} count=500") as vm:
         result = vm.wait(30)
-        bus = vm.pio if kind == "pio" else vm.mmio
+        bus = vm.pio_bus if kind == "pio" else vm.mmio_bus
     assert f"{kind} done 500" in vm.console.text
     assert result.guest_status == 0
     assert bus.stats.unclaimed_writes == 500
@@ -113,7 +113,7 @@ def test_stop_ends_a_spinning_guest_within_a_second(guest: Path, cpus: int) -> N
     vm.close()
     assert result.reason is ExitReason.STOPPED
     assert elapsed < 1.0
-    assert not any(t.is_alive() for t in vm._threads)
+    assert not vm.machine.vcpu_threads.alive()
 
 
 def test_stop_from_another_thread(guest: Path) -> None:

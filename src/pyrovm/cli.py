@@ -7,8 +7,12 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .config import VmConfig
 
 _START = time.monotonic()
 
@@ -33,35 +37,45 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _run_config(args: argparse.Namespace) -> VmConfig:
+    """The VmConfig for ``pyrovm run``'s options."""
+    from .config import DEFAULT_CMDLINE, DiskSpec, VmConfig, parse_size
+
+    return VmConfig(
+        kernel=args.kernel,
+        memory=parse_size(args.memory),
+        cpus=args.cpus,
+        cmdline=DEFAULT_CMDLINE if args.cmdline is None else args.cmdline,
+        initrd=args.initrd,
+        boot=args.boot,
+        disks=tuple(DiskSpec.parse(d) for d in args.disk),
+        rootfs=None if args.rootfs is None else DiskSpec.parse(args.rootfs),
+        rng=args.rng or args.rng_rate is not None,
+        rng_rate=args.rng_rate,
+        host_workarounds=args.host_workarounds,
+        boot_marker=_boot_marker(args),
+        console=args.console,
+        metrics_path=args.metrics,
+        timeout=args.timeout,
+        kvm_device=args.kvm_device,
+    )
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .kvm import KvmCapabilityError, KvmError, KvmUnavailable
-    from .loader import KernelLoadError
-    from .vmm import VM, ConfigError, ExitCode, ExitReason
+    from .errors import PyrovmError
+    from .kvm import KvmError
+    from .vmm import VM, ExitCode, ExitReason
 
     holder: list[object] = []
     if args.metrics:  # installed first: a SIGUSR1 during start-up must not kill the VMM
         _install_metrics_signal(holder, args.metrics)
-
     try:
-        vm = VM(
-            kernel=args.kernel,
-            memory=args.memory,
-            cpus=args.cpus,
-            cmdline=args.cmdline,
-            initrd=args.initrd,
-            console=args.console,
-            boot=args.boot,
-            disks=args.disk,
-            rootfs=args.rootfs,
-            rng=args.rng,
-            rng_rate=args.rng_rate,
-            host_workarounds=args.host_workarounds,
-            boot_marker=_boot_marker(args),
-        )
-    except (ConfigError, KernelLoadError, KvmUnavailable, KvmCapabilityError) as exc:
-        return _fail(str(exc))
+        config = _run_config(args)
+        vm = VM.from_config(config)
     except KvmError as exc:
         return _fail(f"KVM refused to build the VM: {exc}")
+    except PyrovmError as exc:
+        return _fail(str(exc))
     if args.metrics:
         holder.append(vm)
     timing = _BootTiming(vm, args) if args.boot_timer or args.boot_marker else None
@@ -75,7 +89,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             terminal = Terminal(vm.send_input, lambda: vm.stop(ExitReason.STOPPED, "quit (Ctrl-A x)"))
             terminal.start()
         vm.start()
-        result = vm.wait(args.timeout)
+        result = vm.wait(config.timeout)
     except KeyboardInterrupt:
         result = vm.stop(ExitReason.STOPPED, "interrupted")
         result.exit_code = ExitCode.INTERRUPTED
@@ -224,17 +238,8 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return run_doctor()
 
 
-def build_parser(with_tools: bool = True) -> argparse.ArgumentParser:
-    """The argument parser; *with_tools* False leaves out the kernel/initramfs/disk commands."""
-    parser = argparse.ArgumentParser(
-        prog="pyrovm",
-        description="pyrovm: a virtual machine monitor in Python on Linux KVM.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"pyrovm {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
+def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``pyrovm run``: its options (an argparse table)."""
     run = sub.add_parser(
         "run",
         help="boot a kernel in a new VM",
@@ -329,8 +334,30 @@ def build_parser(with_tools: bool = True) -> argparse.ArgumentParser:
         help=f"report the time to the first console line matching REGEX (default with --boot-timer: "
         f"'{DEFAULT_BOOT_MARKER}')",
     )
-    run.add_argument("--verbose", "-v", action="store_true", help="report how the VM ended on stderr")
+    run.add_argument(
+        "--kvm-device",
+        default=os.environ.get("PYROVM_KVM_DEVICE", "/dev/kvm"),
+        metavar="PATH",
+        help="the KVM device to open (default: $PYROVM_KVM_DEVICE or /dev/kvm)",
+    )
+    run.add_argument(
+        "--verbose", "-v", action="store_true", help="report how the VM ended on stderr, and log more"
+    )
     run.set_defaults(func=_cmd_run)
+
+
+def build_parser(with_tools: bool = True) -> argparse.ArgumentParser:
+    """The argument parser; *with_tools* False leaves out the kernel/initramfs/disk commands."""
+    parser = argparse.ArgumentParser(
+        prog="pyrovm",
+        description="pyrovm: a virtual machine monitor in Python on Linux KVM.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"pyrovm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    _add_run_parser(sub)
 
     guest = sub.add_parser(
         "guest",
@@ -361,12 +388,26 @@ def build_parser(with_tools: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def _setup_logging(verbose: bool) -> None:
+    """The library logs; the command shows warnings (and with -v information) on stderr, one line each."""
+    import logging
+
+    root = logging.getLogger("pyrovm")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("pyrovm: %(message)s"))
+        root.addHandler(handler)
+        root.propagate = False
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in args_list if not a.startswith("-")), None)
     # the kernel/initramfs/disk modules cost ~25 ms of imports that `pyrovm run` does not need
     parser = build_parser(with_tools=command not in ("run", "guest", "doctor"))
     args = parser.parse_args(args_list)
+    _setup_logging(getattr(args, "verbose", False))
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

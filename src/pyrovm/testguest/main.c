@@ -41,10 +41,17 @@ static int test_exit(void)
 	return (int)(uint32_t)status;
 }
 
+/* Spins for ever, counting: the host reads the counter at the printed (identity-mapped) address to see
+ * whether the guest runs (pause/resume tests). */
+static volatile uint64_t spin_counter;
+
 static int test_spin(void)
 {
+	put_str("spin counter at ");
+	put_hex((uint64_t)(uintptr_t)&spin_counter);
+	put_char('\n');
 	for (;;)
-		barrier();
+		spin_counter++;
 	__builtin_unreachable();
 }
 
