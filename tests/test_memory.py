@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from pyrovm.errors import PyrovmError
 from pyrovm.memory import GuestMemory, GuestMemoryError
 
 
@@ -79,3 +80,12 @@ def test_file_backed(tmp_path) -> None:  # type: ignore[no-untyped-def]
     mem.write(0x1000, b"persist")
     mem.regions[0].mm.flush()
     assert path.read_bytes()[0x1000:0x1007] == b"persist"
+
+
+def test_guest_memory_error_is_rooted() -> None:
+    mem = GuestMemory.anonymous(0x2000)
+    with pytest.raises(PyrovmError):
+        mem.read(0x1FFF, 2)
+    with pytest.raises(ValueError):
+        mem.read(0x1FFF, 2)
+    mem.close()

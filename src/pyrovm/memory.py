@@ -17,12 +17,14 @@ from bisect import bisect_right
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from pyrovm.errors import PyrovmError
+
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
 
-class GuestMemoryError(ValueError):
+class GuestMemoryError(PyrovmError, ValueError):
     """A guest physical address range that is not (entirely) backed by guest RAM."""
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from pyrovm.devices.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice
 from pyrovm.devices.virtio.queue import ChainError, DescriptorChain, SplitQueue, split_views, trim_views
+from pyrovm.errors import DeviceError
 
 SECTOR_SIZE = 512
 SECTOR_SHIFT = 9
@@ -106,7 +107,7 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
             raise OSError(err, os.strerror(err))
 
 
-class BlockError(Exception):
+class BlockError(DeviceError):
     """The disk image cannot be used (missing, size not a multiple of 512, locked...)."""
 
 
@@ -190,8 +191,8 @@ class VirtioBlock(VirtioDevice):
         if isinstance(serial, str):
             try:
                 serial = serial.encode("ascii")
-            except UnicodeEncodeError:
-                raise BlockError(f"{self.path}: serial {serial!r} is not ASCII") from None
+            except UnicodeEncodeError as e:
+                raise BlockError(f"{self.path}: serial {serial!r} is not ASCII") from e
         serial = serial or b""
         if len(serial) > VIRTIO_BLK_ID_BYTES:
             raise BlockError(f"{self.path}: serial {serial!r} is longer than {VIRTIO_BLK_ID_BYTES} bytes")
@@ -200,14 +201,14 @@ class VirtioBlock(VirtioDevice):
         try:
             fd = os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         except OSError as e:
-            raise BlockError(f"{self.path}: cannot open disk image: {e.strerror}") from None
+            raise BlockError(f"{self.path}: cannot open disk image: {e.strerror}") from e
         try:
             try:
                 fcntl.flock(fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-            except BlockingIOError:
+            except BlockingIOError as e:
                 raise DiskLockedError(
                     f"{self.path}: disk image is locked by another process (already in use by another VM?)"
-                ) from None
+                ) from e
             size = os.lseek(fd, 0, os.SEEK_END)
             if size == 0 or size % SECTOR_SIZE:
                 raise BlockError(

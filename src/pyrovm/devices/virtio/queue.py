@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from pyrovm.errors import GuestError
 from pyrovm.memory import GuestMemory, GuestMemoryError
 
 # Descriptor flags (§2.7.5)
@@ -59,13 +60,14 @@ def full_barrier() -> None:
         pass
 
 
-_DESC = struct.Struct("<QIHH")
+#: One descriptor: ``addr`` (u64), ``len`` (u32), ``flags`` (u16), ``next`` (u16), little-endian.
+DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 
 
 # -- errors ---------------------------------------------------------------------------------------------
-class VirtqueueError(Exception):
+class VirtqueueError(GuestError):
     """Something the driver put in a virtqueue is invalid."""
 
     #: True when the queue as a whole is unusable (the transport must set DEVICE_NEEDS_RESET).
@@ -124,10 +126,6 @@ class NestedIndirectError(IndirectError):
 
 class IndirectLengthError(IndirectError):
     """The indirect table length is zero, not a multiple of 16, or too large."""
-
-
-class BufferDirectionError(ChainError):
-    """A writable buffer where a readable one belongs, or the reverse (raised by devices)."""
 
 
 # -- state ----------------------------------------------------------------------------------------------
@@ -379,7 +377,7 @@ class SplitQueue:
         ttl = table_size
         index = head
         in_indirect = False
-        unpack = _DESC.unpack_from
+        unpack = DESC.unpack_from
         lo = self._ram_lo
         hi = self._ram_hi
         while True:
@@ -398,10 +396,10 @@ class SplitQueue:
                     raise IndirectLengthError(head, f"indirect table length {length} is invalid")
                 try:
                     table = self._view(addr, length)
-                except GuestMemoryError:
+                except GuestMemoryError as e:
                     raise DescriptorOutOfRangeError(
                         head, f"indirect table {addr:#x}+{length:#x} outside guest RAM"
-                    ) from None
+                    ) from e
                 table_size = ttl = length // DESC_SIZE
                 index = 0
                 in_indirect = True
