@@ -127,25 +127,16 @@ class VirtioDevice:
         queue = self.queues[queue_index]
         if queue is None:
             return
-        pop = queue.pop
         add_used = queue.add_used
         handle = self.handle_chain
-        while True:
-            queue.disable_notification()
-            while True:
-                try:
-                    chain = pop()
-                except ChainError as e:
-                    self.chain_failed(queue, e)
-                    continue
-                if chain is None:
-                    break
-                written = handle(queue_index, queue, chain)
-                if written is None:  # deferred: the device put the chain back and will come back to it
-                    return
-                add_used(chain.head, written)
-            if not queue.enable_notification():
+        for chain in queue.drain():
+            if isinstance(chain, ChainError):
+                self.chain_failed(queue, chain)
+                continue
+            written = handle(queue_index, queue, chain)
+            if written is None:  # deferred: the device put the chain back and will come back to it
                 return
+            add_used(chain.head, written)
 
     def handle_chain(self, queue_index: int, queue: SplitQueue, chain: DescriptorChain) -> int | None:
         """Serve one request; return the bytes written into its writable buffers, or None to defer it
