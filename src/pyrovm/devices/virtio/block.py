@@ -12,6 +12,9 @@ buffers and :data:`MERGE_MAX_BYTES` a call), then completed one by one, in order
 (FLUSH, GET_ID, DISCARD, WRITE_ZEROES, anything malformed or out of range, a write to a read-only disk)
 ends the run before it is served, so it sees exactly the requests that came before it.  A merged call
 that fails or comes up short is done again request by request, each getting its own status.
+
+State (:class:`VirtioBlockState`): the negotiated features, and the disk's capacity and mode, which a
+restore checks against the image it was given.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import fcntl
 import os
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from pyrovm.devices.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice
+from pyrovm.devices.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice, VirtioDeviceState
 from pyrovm.devices.virtio.queue import ChainError, DescriptorChain, SplitQueue, split_views, trim_views
 from pyrovm.errors import DeviceError
 
@@ -113,6 +117,14 @@ class BlockError(DeviceError):
 
 class DiskLockedError(BlockError):
     """Another process (another VM) holds a conflicting lock on the image."""
+
+
+@dataclass
+class VirtioBlockState(VirtioDeviceState):
+    """The disk as the driver knows it: capacity (sectors) and read-only mode."""
+
+    capacity: int = 0
+    read_only: bool = False
 
 
 class _Status(Exception):
@@ -426,6 +438,21 @@ class VirtioBlock(VirtioDevice):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def save_state(self) -> VirtioBlockState:
+        return VirtioBlockState(self.acked_features, self.capacity, self.read_only)
+
+    def restore_state(self, state: VirtioDeviceState) -> None:
+        """Load *state*; raises :class:`BlockError` when this image's size or mode differ from the saved."""
+        if isinstance(state, VirtioBlockState) and (state.capacity, state.read_only) != (
+            self.capacity,
+            self.read_only,
+        ):
+            raise BlockError(
+                f"{self.path}: saved state is for a disk of {state.capacity} sectors"
+                f"{' (read-only)' if state.read_only else ''}, this one has {self.capacity}"
+            )
+        super().restore_state(state)
 
     # -- requests --------------------------------------------------------------------------------------
     def process(self, queue_index: int) -> None:
