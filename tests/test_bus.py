@@ -5,6 +5,7 @@ import logging
 import pytest
 
 from pyrovm.devices.bus import Bus, BusError
+from pyrovm.errors import PyrovmError
 
 
 class Recorder:
@@ -71,3 +72,7 @@ def test_unregister() -> None:
     assert bus.lookup(0xD0000010) is None
     with pytest.raises(BusError):
         bus.unregister(0xD0000000)
+
+
+def test_bus_error_is_rooted() -> None:
+    assert issubclass(BusError, PyrovmError) and issubclass(BusError, ValueError)

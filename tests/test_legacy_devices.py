@@ -27,7 +27,8 @@ def test_transmit_and_lsr() -> None:
         u.w(s.RBR_THR_DLL, ch)
     assert bytes(u.out) == b"ok\n"
     assert u.r(s.LSR) & (s.LSR_THRE | s.LSR_TEMT) == s.LSR_THRE | s.LSR_TEMT
-    assert u.dev.state.tx_bytes == 3
+    assert u.dev.stats.tx_bytes == 3
+    assert u.dev.metrics() == {"tx_bytes": 3, "rx_overruns": 0}
 
 
 def test_dlab_divisor_latch_and_scratch() -> None:
@@ -100,7 +101,7 @@ def test_rx_overrun() -> None:
     assert u.dev.rx_pending == s.RX_BUFFER_LIMIT
     assert u.r(s.LSR) & s.LSR_OE
     assert not u.r(s.LSR) & s.LSR_OE  # cleared by the read
-    assert u.dev.state.rx_overruns == 10
+    assert u.dev.stats.rx_overruns == 10
 
 
 def test_i8042_reset_and_probe() -> None:
@@ -118,6 +119,7 @@ def test_i8042_reset_and_probe() -> None:
     assert resets == []
     kbd.write(4, b"\xfe")
     assert resets == [1]
+    assert kbd.stats.resets == 1 and kbd.metrics() == {"resets": 1}
 
 
 def test_debug_exit() -> None:

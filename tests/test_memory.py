@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from pyrovm.errors import PyrovmError
 from pyrovm.memory import GuestMemory, GuestMemoryError
 
 
@@ -79,3 +80,42 @@ def test_file_backed(tmp_path) -> None:  # type: ignore[no-untyped-def]
     mem.write(0x1000, b"persist")
     mem.regions[0].mm.flush()
     assert path.read_bytes()[0x1000:0x1007] == b"persist"
+
+
+def test_guest_memory_error_is_rooted() -> None:
+    mem = GuestMemory.anonymous(0x2000)
+    with pytest.raises(PyrovmError):
+        mem.read(0x1FFF, 2)
+    with pytest.raises(ValueError):
+        mem.read(0x1FFF, 2)
+    mem.close()
+
+
+@pytest.mark.parametrize(
+    "layout", [[(0x10000, 0x10000)], [(0x10000, 0x10000), (0x100000, 0x1000)]], ids=["one", "two"]
+)
+def test_view_and_contains_agree_with_find(layout: list[tuple[int, int]]) -> None:
+    """The one-region fast path and the general lookup answer the same for edges, holes and negatives."""
+    mem = GuestMemory(layout)
+    cases = [
+        (0x10000, 0x10000, True),
+        (0x10000, 0, True),
+        (0x1FFFF, 1, True),
+        (0x1FFFF, 2, False),
+        (0x20000, 0, True),  # an empty range right at the end of a region
+        (0x20000, 1, False),
+        (0xFFFF, 1, False),
+        (0xFFFF, 2, False),
+        (0x10000, -1, False),
+        (-1, 1, False),
+    ]
+    for gpa, length, inside in cases:
+        assert mem.contains(gpa, length) is inside, (gpa, length)
+        if inside:
+            assert mem.view(gpa, length).nbytes == length
+        else:
+            with pytest.raises(GuestMemoryError):
+                mem.view(gpa, length)
+    assert mem.contains(0x10000) and not mem.contains(0x0)
+    mem.view(0x10004, 4)[:] = b"abcd"
+    assert mem.read(0x10004, 4) == b"abcd"

@@ -28,6 +28,7 @@ from pyrovm.devices.virtio.block import (
 )
 from pyrovm.devices.virtio.device import VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1
 from pyrovm.devices.virtio.mock import MockChain, MockSplitQueue
+from pyrovm.errors import DeviceError, PyrovmError
 from pyrovm.memory import GuestMemory
 
 DISK_SIZE = 1 << 20
@@ -316,14 +317,18 @@ def test_size_not_multiple_of_512(tmp_path: Path) -> None:
 
 
 def test_missing_image(tmp_path: Path) -> None:
-    with pytest.raises(BlockError, match=r"nope\.img"):
+    with pytest.raises(BlockError, match=r"nope\.img") as info:
         VirtioBlock(tmp_path / "nope.img")
+    assert isinstance(info.value, DeviceError) and isinstance(info.value, PyrovmError)
+    assert isinstance(info.value.__cause__, FileNotFoundError)  # the OSError is chained, not hidden
 
 
 def test_lock_conflict(image: Path) -> None:
     with VirtioBlock(image) as first:
-        with pytest.raises(DiskLockedError, match=r"disk\.img.*locked"):
+        with pytest.raises(DiskLockedError, match=r"disk\.img.*locked") as info:
             VirtioBlock(image)
+        assert isinstance(info.value, DeviceError)
+        assert isinstance(info.value.__cause__, BlockingIOError)
         with pytest.raises(DiskLockedError):
             VirtioBlock(image, read_only=True)
         first.close()

@@ -27,6 +27,7 @@ from pyrovm.devices.virtio.queue import (
     split_views,
     trim_views,
 )
+from pyrovm.errors import GuestError
 from pyrovm.memory import GuestMemory
 
 MEM_SIZE = 1 << 20
@@ -265,6 +266,7 @@ def _expect_chain_error(q: SplitQueue, mq: MockSplitQueue, head: int, kind: type
         q.pop()
     assert info.value.head == head
     assert not info.value.fatal
+    assert isinstance(info.value, GuestError)
     # the queue goes on: a good chain after the bad one pops normally
     good = mq.add_chain([b"ok"])
     chain = q.pop()

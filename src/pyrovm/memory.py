@@ -5,6 +5,12 @@ also registered with KVM.  Every access goes through :class:`GuestMemory`, which
 range lies inside one region: a bad guest address raises :class:`GuestMemoryError`, it never reads or
 writes outside the mapping.  :meth:`GuestMemory.view` gives zero-copy ``memoryview`` slices for the hot
 paths (virtqueues, ``os.preadv`` straight into guest RAM).
+
+The bounds check lives here only.  :meth:`GuestMemory._find` looks a range up among any number of
+regions; when guest RAM is a single region (the usual case) :meth:`GuestMemory.view` and
+:meth:`GuestMemory.contains` are replaced at construction by closures over that region's base, size and
+view (:func:`_one_region_access`), so the hot paths pay one call and no lookup; ``contains_all`` checks a
+whole scatter list with one call.
 """
 
 from __future__ import annotations
@@ -14,15 +20,17 @@ import mmap
 import os
 import struct
 from bisect import bisect_right
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+
+from pyrovm.errors import PyrovmError
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
 
-class GuestMemoryError(ValueError):
+class GuestMemoryError(PyrovmError, ValueError):
     """A guest physical address range that is not (entirely) backed by guest RAM."""
 
 
@@ -42,6 +50,40 @@ class MemoryRegion:
         return self.guest_addr + self.size
 
 
+def _outside(gpa: int, length: int) -> GuestMemoryError:
+    return GuestMemoryError(f"guest address range {gpa:#x}+{length:#x} is outside guest RAM")
+
+
+_Ranges = Iterable[tuple[int, int]]
+
+
+def _one_region_access(
+    region: MemoryRegion,
+) -> tuple[Callable[[int, int], memoryview], Callable[[int, int], bool], Callable[[_Ranges], bool]]:
+    """``(view, contains, contains_all)`` for guest RAM made of *region* alone: the region lookup is done
+    once, here."""
+    base, size, ram = region.guest_addr, region.size, region.view
+
+    def contains(gpa: int, length: int = 1) -> bool:
+        off = gpa - base
+        return off >= 0 and length >= 0 and off + length <= size
+
+    def contains_all(ranges: _Ranges) -> bool:
+        for gpa, length in ranges:
+            off = gpa - base
+            if off < 0 or length < 0 or off + length > size:
+                return False
+        return True
+
+    def view(gpa: int, length: int) -> memoryview:
+        off = gpa - base
+        if off >= 0 and length >= 0 and off + length <= size:
+            return ram[off : off + length]
+        raise _outside(gpa, length)
+
+    return view, contains, contains_all
+
+
 def _map(size: int, fd: int | None, offset: int) -> mmap.mmap:
     if fd is None:
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
@@ -51,6 +93,13 @@ def _map(size: int, fd: int | None, offset: int) -> mmap.mmap:
 
 class GuestMemory:
     """Guest RAM made of one or more regions, addressed by guest physical address."""
+
+    #: ``view(gpa, length)``: a zero-copy, writable, bounds-checked view of ``[gpa, gpa + length)``.
+    view: Callable[[int, int], memoryview]
+    #: ``contains(gpa, length=1)``: True when ``[gpa, gpa + length)`` lies in one region.
+    contains: Callable[..., bool]
+    #: ``contains_all(ranges)``: True when every ``(gpa, length)`` of *ranges* lies in one region.
+    contains_all: Callable[[_Ranges], bool]
 
     def __init__(self, layout: Iterable[tuple[int, int]], fd: int | None = None) -> None:
         """Map each ``(guest_addr, size)`` of *layout*: anonymous memory, or consecutive parts of *fd*."""
@@ -71,6 +120,10 @@ class GuestMemory:
             raise GuestMemoryError("guest memory needs at least one region")
         self._regions = regions
         self._starts = [r.guest_addr for r in regions]
+        if len(regions) == 1:
+            self.view, self.contains, self.contains_all = _one_region_access(regions[0])
+        else:
+            self.view, self.contains, self.contains_all = self._view_any, self._contains_any, self._all_any
 
     # -- layout --------------------------------------------------------------------------------------
     @property
@@ -93,10 +146,12 @@ class GuestMemory:
             off = gpa - r.guest_addr
             if off + length <= r.size:
                 return r, off
-        raise GuestMemoryError(f"guest address range {gpa:#x}+{length:#x} is outside guest RAM")
+        raise _outside(gpa, length)
 
-    def contains(self, gpa: int, length: int = 1) -> bool:
-        """True when ``[gpa, gpa + length)`` lies in one region."""
+    def _all_any(self, ranges: _Ranges) -> bool:
+        return all(self._contains_any(gpa, length) for gpa, length in ranges)
+
+    def _contains_any(self, gpa: int, length: int = 1) -> bool:
         try:
             self._find(gpa, length)
         except GuestMemoryError:
@@ -109,8 +164,7 @@ class GuestMemory:
         return r.host_addr + off
 
     # -- access --------------------------------------------------------------------------------------
-    def view(self, gpa: int, length: int) -> memoryview:
-        """A zero-copy, writable view of ``[gpa, gpa + length)``."""
+    def _view_any(self, gpa: int, length: int) -> memoryview:
         r, off = self._find(gpa, length)
         return r.view[off : off + length]
 

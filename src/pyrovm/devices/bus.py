@@ -13,6 +13,8 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pyrovm.errors import PyrovmError
+
 log = logging.getLogger(__name__)
 
 
@@ -24,7 +26,7 @@ class BusDevice(Protocol):
     def write(self, offset: int, data: bytes) -> None: ...
 
 
-class BusError(ValueError):
+class BusError(PyrovmError, ValueError):
     """A registration that overlaps another or is empty."""
 
 

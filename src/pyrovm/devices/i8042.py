@@ -2,13 +2,16 @@
 
 Command 0xFE on port 0x64 (pulse the reset line), or writing an output port value with bit 0 clear
 (command 0xD1), asks the VMM to reset the machine: pyrovm ends the VM cleanly (``reboot=k``).
+State: :class:`I8042State` (:meth:`I8042.save_state` / :meth:`I8042.restore_state`); the reset count is
+in :attr:`I8042.stats`.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from . import IrqLevel
 
@@ -24,24 +27,46 @@ CTR_SYS = 0x04
 
 @dataclass
 class I8042State:
+    """The controller's registers, its pending command and the bytes waiting on port 0x60."""
+
     ctr: int = CTR_KBD_INT | CTR_SYS
     status: int = ST_SYS
     pending_command: int = 0
     output: list[int] = field(default_factory=list)
-    resets: int = 0
     irq_level: bool = False
+
+
+@dataclass
+class I8042Metrics:
+    """How many times the guest asked for a reset."""
+
+    resets: int = 0
 
 
 class I8042:
     """Ports 0x60 (data) and 0x64 (status/command); register with a length of 5 at 0x60."""
 
-    def __init__(
-        self, on_reset: Callable[[], None], irq: IrqLevel | None = None, state: I8042State | None = None
-    ) -> None:
-        self.state = state or I8042State()
+    def __init__(self, on_reset: Callable[[], None], irq: IrqLevel | None = None) -> None:
+        self.state = I8042State()
+        self.stats = I8042Metrics()
         self._on_reset = on_reset
         self._irq = irq or (lambda level: None)
         self._lock = threading.Lock()
+
+    def save_state(self) -> I8042State:
+        """A copy of the controller's state."""
+        with self._lock:
+            return copy.deepcopy(self.state)
+
+    def restore_state(self, state: I8042State) -> None:
+        """Load *state* (from :meth:`save_state`); the IRQ line is driven to the saved level."""
+        with self._lock:
+            self.state = copy.deepcopy(state)
+            self._irq(state.irq_level)
+
+    def metrics(self) -> dict[str, int]:
+        """``resets``."""
+        return asdict(self.stats)
 
     def read(self, offset: int, size: int) -> bytes:
         with self._lock:
@@ -76,7 +101,7 @@ class I8042:
                     self._keyboard(value)
             self._update_irq()
         if reset:
-            self.state.resets += 1
+            self.stats.resets += 1
             self._on_reset()
 
     def _command(self, cmd: int) -> bool:

@@ -5,6 +5,8 @@ BCD or binary and 12- or 24-hour as status register B says (the reset value: BCD
 has UIP clear and the 32.768 kHz divider, register C (interrupt flags) reads 0 and clears on read,
 register D has VRT (valid RAM and time) set.  Bytes 0x0e..0x7f are plain CMOS memory.  No interrupts are
 raised (alarm, periodic and update-ended interrupts would go to IRQ 8; Linux's rtc-cmos does without).
+State: :class:`RtcState` (:meth:`Rtc.save_state` / :meth:`Rtc.restore_state`): the guest's time is kept as
+its offset from the host clock, so a restored RTC goes on from the host's time plus that offset.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import calendar
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 
 SECONDS, SECONDS_ALARM, MINUTES, MINUTES_ALARM, HOURS, HOURS_ALARM = 0x00, 0x01, 0x02, 0x03, 0x04, 0x05
 DAY_OF_WEEK, DAY_OF_MONTH, MONTH, YEAR = 0x06, 0x07, 0x08, 0x09
@@ -40,6 +43,25 @@ def _from_bcd(value: int) -> int:
     return (value >> 4) * 10 + (value & 0xF)
 
 
+@dataclass
+class RtcState:
+    """Index register, NMI mask, time offset from the host clock, CMOS bytes, and the time being set
+    (``frozen``: a ``time.struct_time`` as 9 ints while register B's SET bit is on, else None)."""
+
+    index: int = 0
+    nmi_disabled: bool = False
+    offset: float = 0.0
+    cmos: bytes = bytes(CMOS_SIZE)
+    frozen: tuple[int, ...] | None = None
+
+
+@dataclass
+class RtcMetrics:
+    """How many guest writes moved the clock."""
+
+    time_sets: int = 0
+
+
 class Rtc:
     """The CMOS RTC and its 128 bytes of memory (two ports: index at offset 0, data at offset 1)."""
 
@@ -54,6 +76,27 @@ class Rtc:
         self.cmos[REG_B] = REG_B_DEFAULT
         self.cmos[REG_D] = REG_D_VRT
         self._frozen: time.struct_time | None = None  # while REG_B_SET: the time the guest is writing
+        self.stats = RtcMetrics()
+
+    # -- snapshots -------------------------------------------------------------------------------------
+    def save_state(self) -> RtcState:
+        """A copy of the RTC's state."""
+        with self._lock:
+            frozen = tuple(self._frozen) if self._frozen is not None else None
+            return RtcState(self.index, self.nmi_disabled, self.offset, bytes(self.cmos), frozen)
+
+    def restore_state(self, state: RtcState) -> None:
+        """Load *state* (from :meth:`save_state`)."""
+        with self._lock:
+            self.index = state.index
+            self.nmi_disabled = state.nmi_disabled
+            self.offset = state.offset
+            self.cmos = bytearray(state.cmos)
+            self._frozen = time.struct_time(state.frozen) if state.frozen is not None else None
+
+    def metrics(self) -> dict[str, int]:
+        """``time_sets``."""
+        return asdict(self.stats)
 
     # -- encoding --------------------------------------------------------------------------------------
     def _encode(self, value: int) -> int:
@@ -114,6 +157,7 @@ class Rtc:
                 if was_set and not value & REG_B_SET and self._frozen is not None:
                     self.offset = calendar.timegm(self._frozen) - self._clock()
                     self._frozen = None
+                    self.stats.time_sets += 1
             elif reg == REG_A:
                 self.cmos[REG_A] = value & ~REG_A_UIP
             elif reg in (REG_C, REG_D):
@@ -150,6 +194,7 @@ class Rtc:
             self._frozen = new
         else:
             self.offset = calendar.timegm(new) - self._clock()
+            self.stats.time_sets += 1
 
     # -- bus device ------------------------------------------------------------------------------------
     def read(self, offset: int, size: int) -> bytes:

@@ -1,15 +1,17 @@
 """A 16550A UART, as Linux's 8250 driver probes and drives it.
 
 It knows nothing of KVM: output bytes go to ``out`` (a callable taking bytes), the interrupt pin is
-driven through ``irq(level)``, and input arrives with :meth:`Serial.receive` from any thread.  All
-state lives in :class:`SerialState`, a plain dataclass.
+driven through ``irq(level)``, and input arrives with :meth:`Serial.receive` from any thread.
+:meth:`Serial.save_state` / :meth:`Serial.restore_state` give and take its state as a
+:class:`SerialState` (plain data); counters are apart, in :attr:`Serial.stats` (:class:`SerialMetrics`).
 """
 
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, replace
 
 from . import IrqLevel
 
@@ -56,7 +58,7 @@ RX_BUFFER_LIMIT = 4096
 
 @dataclass
 class SerialState:
-    """Everything a snapshot needs to restore the UART."""
+    """Everything a snapshot needs to restore the UART (``rx``: the bytes waiting to be read)."""
 
     dll: int = 0x0C  # 9600 baud
     dlm: int = 0
@@ -69,7 +71,13 @@ class SerialState:
     fcr: int = 0
     thr_interrupt: bool = False
     irq_level: bool = False
-    rx: bytearray = field(default_factory=bytearray)
+    rx: bytes = b""
+
+
+@dataclass
+class SerialMetrics:
+    """Counters: bytes the guest sent, received bytes dropped because the buffer was full."""
+
     tx_bytes: int = 0
     rx_overruns: int = 0
 
@@ -77,16 +85,31 @@ class SerialState:
 class Serial:
     """A 16550A at some base port (8 registers)."""
 
-    def __init__(
-        self,
-        out: Callable[[bytes], object] | None = None,
-        irq: IrqLevel | None = None,
-        state: SerialState | None = None,
-    ) -> None:
-        self.state = state or SerialState()
+    def __init__(self, out: Callable[[bytes], object] | None = None, irq: IrqLevel | None = None) -> None:
+        #: The registers (its ``rx`` stays empty: received bytes wait in a deque while running).
+        self.state = SerialState()
+        self.stats = SerialMetrics()
+        self._rx: deque[int] = deque()
         self._out = out or (lambda data: None)
         self._irq = irq or (lambda level: None)
         self._lock = threading.Lock()
+
+    # -- snapshots -----------------------------------------------------------------------------------
+    def save_state(self) -> SerialState:
+        """A copy of the UART's state, received bytes included."""
+        with self._lock:
+            return replace(self.state, rx=bytes(self._rx))
+
+    def restore_state(self, state: SerialState) -> None:
+        """Load *state* (from :meth:`save_state`); the IRQ line is driven to the saved level."""
+        with self._lock:
+            self.state = replace(state, rx=b"")
+            self._rx = deque(state.rx[:RX_BUFFER_LIMIT])
+            self._irq(state.irq_level)
+
+    def metrics(self) -> dict[str, int]:
+        """``tx_bytes`` and ``rx_overruns``."""
+        return asdict(self.stats)
 
     # -- guest side ----------------------------------------------------------------------------------
     def read(self, offset: int, size: int) -> bytes:
@@ -106,10 +129,11 @@ class Serial:
         if offset == RBR_THR_DLL:
             if dlab:
                 return st.dll
-            if not st.rx:
+            rx = self._rx
+            if not rx:
                 return 0
-            value = st.rx.pop(0)
-            if not st.rx:
+            value = rx.popleft()
+            if not rx:
                 st.lsr &= ~LSR_DR
             return value
         if offset == IER_DLM:
@@ -151,7 +175,7 @@ class Serial:
             if st.mcr & MCR_LOOP:
                 self._push_rx(bytes((value,)))
             else:
-                st.tx_bytes += 1
+                self.stats.tx_bytes += 1
                 self._out(bytes((value,)))
             # the byte left at once: THR is empty again
             st.thr_interrupt = True
@@ -165,7 +189,7 @@ class Serial:
         elif offset == IIR_FCR:
             st.fcr = value & 0xC9
             if value & FCR_CLEAR_RX:
-                st.rx.clear()
+                self._rx.clear()
                 st.lsr &= ~LSR_DR
         elif offset == LCR:
             st.lcr = value
@@ -198,13 +222,13 @@ class Serial:
 
     def _push_rx(self, data: bytes) -> None:
         st = self.state
-        room = RX_BUFFER_LIMIT - len(st.rx)
+        room = RX_BUFFER_LIMIT - len(self._rx)
         if len(data) > room:
-            st.rx_overruns += len(data) - room
+            self.stats.rx_overruns += len(data) - room
             st.lsr |= LSR_OE
             data = data[:room]
         if data:
-            st.rx += data
+            self._rx.extend(data)
             st.lsr |= LSR_DR
 
     # -- host side -----------------------------------------------------------------------------------
@@ -216,4 +240,4 @@ class Serial:
 
     @property
     def rx_pending(self) -> int:
-        return len(self.state.rx)
+        return len(self._rx)

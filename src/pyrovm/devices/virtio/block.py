@@ -12,6 +12,9 @@ buffers and :data:`MERGE_MAX_BYTES` a call), then completed one by one, in order
 (FLUSH, GET_ID, DISCARD, WRITE_ZEROES, anything malformed or out of range, a write to a read-only disk)
 ends the run before it is served, so it sees exactly the requests that came before it.  A merged call
 that fails or comes up short is done again request by request, each getting its own status.
+
+State (:class:`VirtioBlockState`): the negotiated features, and the disk's capacity and mode, which a
+restore checks against the image it was given.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ import fcntl
 import os
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from pyrovm.devices.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice
+from pyrovm.devices.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice, VirtioDeviceState
 from pyrovm.devices.virtio.queue import ChainError, DescriptorChain, SplitQueue, split_views, trim_views
+from pyrovm.errors import DeviceError
 
 SECTOR_SIZE = 512
 SECTOR_SHIFT = 9
@@ -106,12 +111,20 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
             raise OSError(err, os.strerror(err))
 
 
-class BlockError(Exception):
+class BlockError(DeviceError):
     """The disk image cannot be used (missing, size not a multiple of 512, locked...)."""
 
 
 class DiskLockedError(BlockError):
     """Another process (another VM) holds a conflicting lock on the image."""
+
+
+@dataclass
+class VirtioBlockState(VirtioDeviceState):
+    """The disk as the driver knows it: capacity (sectors) and read-only mode."""
+
+    capacity: int = 0
+    read_only: bool = False
 
 
 class _Status(Exception):
@@ -122,6 +135,110 @@ class _Status(Exception):
         self.status = status
 
 
+# -- requests, parsed once ------------------------------------------------------------------------------
+class BlockRequest:
+    """One virtio-blk request, parsed once from its chain (both the merge path and the single path use it).
+
+    ``data``: the data buffers (after the header for OUT; before the status byte for IN, GET_ID and the
+    other types), ``nbytes`` bytes in all; ``status``: a 1-byte view of the status byte (None when the
+    chain has no writable byte for it); ``error``: the status to complete with when the request is
+    malformed (``why`` says how), None when it is well formed.
+    """
+
+    __slots__ = ("chain", "data", "error", "nbytes", "rtype", "sector", "status", "why")
+
+    def __init__(
+        self,
+        chain: DescriptorChain,
+        rtype: int,
+        sector: int,
+        data: list[memoryview],
+        nbytes: int,
+        status: memoryview | None,
+        error: int | None = None,
+        why: str = "",
+    ) -> None:
+        self.chain = chain
+        self.rtype = rtype
+        self.sector = sector
+        self.data = data
+        self.nbytes = nbytes
+        self.status = status
+        self.error = error
+        self.why = why
+
+
+def parse_request(chain: DescriptorChain) -> BlockRequest:
+    """Header, data buffers and status byte of *chain*.  The usual layouts (header alone, then one data
+    buffer, then the status byte alone) skip the generic scatter-list cuts."""
+    writable = chain.writable
+    if not writable or not writable[-1][1]:
+        return BlockRequest(chain, -1, 0, [], 0, None, VIRTIO_BLK_S_IOERR, "no writable status byte")
+    view = chain.view
+    status_gpa, status_len = writable[-1]
+    status = view(status_gpa + status_len - 1, 1)
+    nw = len(writable)
+    data_in: list[memoryview]
+    if status_len != 1:
+        data_in = trim_views(chain.writable_views(), 1)[0]
+        in_bytes = sum(v.nbytes for v in data_in)
+    elif nw == 1:
+        data_in = []
+        in_bytes = 0
+    elif nw == 2:
+        gpa, in_bytes = writable[0]
+        data_in = [view(gpa, in_bytes)]
+    else:
+        data_in = [view(gpa, n) for gpa, n in writable[:-1]]
+        in_bytes = sum(v.nbytes for v in data_in)
+    readable = chain.readable
+    if readable and readable[0][1] >= REQ_HEADER.size:
+        rtype, _, sector = REQ_HEADER.unpack_from(view(readable[0][0], REQ_HEADER.size))
+    else:
+        header = chain.read_prefix(REQ_HEADER.size)
+        if len(header) < REQ_HEADER.size:
+            why = "request header is not in device-readable buffers"
+            return BlockRequest(chain, -1, 0, data_in, in_bytes, status, VIRTIO_BLK_S_IOERR, why)
+        rtype, _, sector = REQ_HEADER.unpack_from(header)
+    if rtype == VIRTIO_BLK_T_IN:
+        if (
+            len(readable) != 1 or readable[0][1] != REQ_HEADER.size
+        ) and chain.readable_len != REQ_HEADER.size:
+            why = "read request with device-readable data buffers"
+            return BlockRequest(chain, rtype, sector, data_in, in_bytes, status, VIRTIO_BLK_S_IOERR, why)
+    elif rtype == VIRTIO_BLK_T_OUT:
+        if data_in:
+            why = "write request with device-writable data buffers"
+            return BlockRequest(chain, rtype, sector, [], 0, status, VIRTIO_BLK_S_IOERR, why)
+        if len(readable) == 2 and readable[0][1] == REQ_HEADER.size:
+            gpa, out_bytes = readable[1]
+            return BlockRequest(chain, rtype, sector, [view(gpa, out_bytes)], out_bytes, status)
+        data_out = split_views(chain.readable_views(), REQ_HEADER.size)[1]
+        return BlockRequest(chain, rtype, sector, data_out, sum(v.nbytes for v in data_out), status)
+    return BlockRequest(chain, rtype, sector, data_in, in_bytes, status)
+
+
+class _Run:
+    """Held requests: adjacent plain reads (or writes) to be served by one ``preadv`` (``pwritev``)."""
+
+    __slots__ = ("end", "is_write", "reqs", "start", "views")
+
+    def __init__(self) -> None:
+        self.reqs: list[BlockRequest] = []
+        self.views: list[memoryview] = []
+        self.is_write = False
+        self.start = self.end = 0
+
+    def begin(self, req: BlockRequest, offset: int, is_write: bool) -> None:
+        """Start a new run with *req* (the previous one must have been served)."""
+        self.reqs = [req]
+        self.views = list(req.data)
+        self.is_write = is_write
+        self.start = offset
+        self.end = offset + req.nbytes
+
+
+# -- file I/O -------------------------------------------------------------------------------------------
 def _rw_full(
     op: Callable[[int, list[memoryview], int], int],
     fd: int,
@@ -170,6 +287,62 @@ def _rw_rest(
     return total
 
 
+def _unsupported(e: OSError) -> bool:
+    return e.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENODEV)
+
+
+def zero_range(fd: int, offset: int, nbytes: int) -> None:
+    """Make ``[offset, offset + nbytes)`` of *fd* read as zeroes (``FALLOC_FL_ZERO_RANGE``, else writes)."""
+    try:
+        fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, nbytes)
+        return
+    except OSError as e:
+        if not _unsupported(e):
+            raise
+    zero = memoryview(_ZEROES)
+    while nbytes:
+        n = os.pwrite(fd, zero[: min(nbytes, len(_ZEROES))], offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write to disk image")
+        offset += n
+        nbytes -= n
+
+
+def punch_hole(fd: int, offset: int, nbytes: int, must_zero: bool) -> OSError | None:
+    """Deallocate a range of *fd*; where holes are not supported, zero it if *must_zero*.  Returns the
+    "not supported" error (for the caller to log), None when the hole was punched."""
+    try:
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, nbytes)
+        return None
+    except OSError as e:
+        if not _unsupported(e):
+            raise
+        if must_zero:
+            zero_range(fd, offset, nbytes)
+        return e
+
+
+def parse_segments(chain: DescriptorChain, zeroes: bool) -> list[tuple[int, int, int]]:
+    """The ``(sector, num_sectors, flags)`` segments of a DISCARD / WRITE_ZEROES request (not checked
+    against the disk size).  Raises :class:`_Status`."""
+    length = chain.readable_len - REQ_HEADER.size
+    max_seg = MAX_WRITE_ZEROES_SEG if zeroes else MAX_DISCARD_SEG
+    if length <= 0 or length % DISCARD_SEGMENT.size or length // DISCARD_SEGMENT.size > max_seg:
+        raise _Status(VIRTIO_BLK_S_IOERR, f"bad discard/write-zeroes segment list of {length} bytes")
+    raw = chain.read_prefix(REQ_HEADER.size + length)
+    segments = [
+        DISCARD_SEGMENT.unpack_from(raw, off)
+        for off in range(REQ_HEADER.size, REQ_HEADER.size + length, DISCARD_SEGMENT.size)
+    ]
+    max_sectors = MAX_WRITE_ZEROES_SECTORS if zeroes else MAX_DISCARD_SECTORS
+    for _, num, flags in segments:
+        if flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP or (not zeroes and flags):
+            raise _Status(VIRTIO_BLK_S_UNSUPP, f"unsupported discard/write-zeroes flags {flags:#x}")
+        if num > max_sectors:
+            raise _Status(VIRTIO_BLK_S_IOERR, f"{num} sectors is over the limit of {max_sectors}")
+    return segments
+
+
 class VirtioBlock(VirtioDevice):
     """A virtio block device backed by a raw image file."""
 
@@ -190,8 +363,8 @@ class VirtioBlock(VirtioDevice):
         if isinstance(serial, str):
             try:
                 serial = serial.encode("ascii")
-            except UnicodeEncodeError:
-                raise BlockError(f"{self.path}: serial {serial!r} is not ASCII") from None
+            except UnicodeEncodeError as e:
+                raise BlockError(f"{self.path}: serial {serial!r} is not ASCII") from e
         serial = serial or b""
         if len(serial) > VIRTIO_BLK_ID_BYTES:
             raise BlockError(f"{self.path}: serial {serial!r} is longer than {VIRTIO_BLK_ID_BYTES} bytes")
@@ -200,14 +373,14 @@ class VirtioBlock(VirtioDevice):
         try:
             fd = os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         except OSError as e:
-            raise BlockError(f"{self.path}: cannot open disk image: {e.strerror}") from None
+            raise BlockError(f"{self.path}: cannot open disk image: {e.strerror}") from e
         try:
             try:
                 fcntl.flock(fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-            except BlockingIOError:
+            except BlockingIOError as e:
                 raise DiskLockedError(
                     f"{self.path}: disk image is locked by another process (already in use by another VM?)"
-                ) from None
+                ) from e
             size = os.lseek(fd, 0, os.SEEK_END)
             if size == 0 or size % SECTOR_SIZE:
                 raise BlockError(
@@ -266,204 +439,131 @@ class VirtioBlock(VirtioDevice):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def save_state(self) -> VirtioBlockState:
+        return VirtioBlockState(self.acked_features, self.capacity, self.read_only)
+
+    def restore_state(self, state: VirtioDeviceState) -> None:
+        """Load *state*; raises :class:`BlockError` when this image's size or mode differ from the saved."""
+        if isinstance(state, VirtioBlockState) and (state.capacity, state.read_only) != (
+            self.capacity,
+            self.read_only,
+        ):
+            raise BlockError(
+                f"{self.path}: saved state is for a disk of {state.capacity} sectors"
+                f"{' (read-only)' if state.read_only else ''}, this one has {self.capacity}"
+            )
+        super().restore_state(state)
+
     # -- requests --------------------------------------------------------------------------------------
     def process(self, queue_index: int) -> None:
         """Serve every available chain of queue *queue_index*, merging runs of adjacent reads or writes.
 
-        Raises only :class:`QueueBrokenError`.
+        Raises only :class:`QueueBrokenError`, after serving the requests it held for merging.
         """
         if not 0 <= queue_index < len(self.queues):
             return
         queue = self.queues[queue_index]
         if queue is None:
             return
-        pop = queue.pop
-        add_used = queue.add_used
-        prepare = self._prepare
-        flush = self._flush_run
-        # The pending run: its requests (chain, status gpa, data bytes), buffers, direction and byte range.
-        reqs: list[tuple[DescriptorChain, int, int]] = []
-        run_views: list[memoryview] = []
-        run_write = False
-        run_start = run_end = 0
-        while True:
-            queue.disable_notification()
-            while True:
-                try:
-                    chain = pop()
-                except ChainError as e:
-                    if reqs:
-                        flush(queue_index, queue, run_write, run_start, run_views, run_end - run_start, reqs)
-                        reqs = []
-                    self.chain_failed(queue, e)
-                    continue
-                if chain is None:
-                    break
-                plan = prepare(chain)
-                if plan is None:  # not a plain read/write: a barrier, served on its own
-                    if reqs:
-                        flush(queue_index, queue, run_write, run_start, run_views, run_end - run_start, reqs)
-                        reqs = []
-                    add_used(chain.head, self.handle_chain(queue_index, queue, chain))
-                    continue
-                is_write, offset, views, nbytes, status_gpa = plan
-                if (
-                    reqs
-                    and offset == run_end
-                    and is_write == run_write
-                    and len(run_views) + len(views) <= _IOV_MAX
-                    and run_end - run_start + nbytes <= MERGE_MAX_BYTES
-                ):
-                    reqs.append((chain, status_gpa, nbytes))
-                    run_views += views
-                    run_end += nbytes
-                    continue
-                if reqs:
-                    flush(queue_index, queue, run_write, run_start, run_views, run_end - run_start, reqs)
-                reqs = [(chain, status_gpa, nbytes)]
-                run_views = views
-                run_write = is_write
-                run_start = offset
-                run_end = offset + nbytes
-            if reqs:
-                flush(queue_index, queue, run_write, run_start, run_views, run_end - run_start, reqs)
-                reqs = []
-            if not queue.enable_notification():
-                return
-
-    def _prepare(self, chain: DescriptorChain) -> tuple[bool, int, list[memoryview], int, int] | None:
-        """A plain valid read or write, usual layout: ``(is_write, offset, views, nbytes, status_gpa)``.
-
-        None for everything else (other types, odd layouts, anything :meth:`handle_chain` would fail, a
-        request of no data or of more than IOV_MAX buffers): :meth:`handle_chain` serves those alone.
-        """
-        readable = chain.readable
-        writable = chain.writable
-        if not readable or not writable or readable[0][1] < REQ_HEADER.size:
-            return None
-        status_gpa, status_len = writable[-1]
-        if status_len != 1:
-            return None
-        view = chain.view
-        rtype, _, sector = REQ_HEADER.unpack_from(view(readable[0][0], REQ_HEADER.size))
-        nw = len(writable)
-        if rtype == VIRTIO_BLK_T_IN:
-            if len(readable) != 1 or readable[0][1] != REQ_HEADER.size:
-                return None
-            if nw == 2:
-                gpa, nbytes = writable[0]
-                views = [view(gpa, nbytes)]
-            else:
-                views = [view(gpa, n) for gpa, n in writable[:-1]]
-                nbytes = sum(v.nbytes for v in views)
-            is_write = False
-        elif rtype == VIRTIO_BLK_T_OUT:
-            if nw != 1 or self.read_only:
-                return None
-            if len(readable) == 2 and readable[0][1] == REQ_HEADER.size:
-                gpa, nbytes = readable[1]
-                views = [view(gpa, nbytes)]
-            else:
-                views = split_views(chain.readable_views(), REQ_HEADER.size)[1]
-                nbytes = sum(v.nbytes for v in views)
-            is_write = True
-        else:
-            return None
-        offset = sector << SECTOR_SHIFT
-        if not nbytes or nbytes % SECTOR_SIZE or offset + nbytes > self.size or len(views) > _IOV_MAX:
-            return None
-        return is_write, offset, views, nbytes, status_gpa
-
-    def _flush_run(
-        self,
-        queue_index: int,
-        queue: SplitQueue,
-        is_write: bool,
-        offset: int,
-        views: list[memoryview],
-        nbytes: int,
-        reqs: list[tuple[DescriptorChain, int, int]],
-    ) -> None:
-        """Serve a run of adjacent same-direction requests (from :meth:`_prepare`) with one syscall and
-        complete each in order; on an error or a short transfer serve each again on its own."""
+        run = _Run()
+        read_only, size = self.read_only, self.size
         try:
-            n = os.pwritev(self.fd, views, offset) if is_write else os.preadv(self.fd, views, offset)
+            for chain in queue.drain():
+                if isinstance(chain, ChainError):
+                    self._serve_run(queue, run)
+                    self.chain_failed(queue, chain)
+                    continue
+                req = parse_request(chain)
+                rtype, nbytes = req.rtype, req.nbytes
+                offset = req.sector << SECTOR_SHIFT
+                if (
+                    req.error is None
+                    and (rtype == VIRTIO_BLK_T_IN or (rtype == VIRTIO_BLK_T_OUT and not read_only))
+                    and nbytes
+                    and not nbytes % SECTOR_SIZE
+                    and offset + nbytes <= size
+                    and len(req.data) <= _IOV_MAX
+                ):  # a plain valid read or write: held, to be merged with the next ones
+                    is_write = rtype == VIRTIO_BLK_T_OUT
+                    if (
+                        offset == run.end
+                        and is_write == run.is_write
+                        and run.reqs
+                        and len(run.views) + len(req.data) <= _IOV_MAX
+                        and run.end - run.start + nbytes <= MERGE_MAX_BYTES
+                    ):  # it continues the run
+                        run.reqs.append(req)
+                        run.views += req.data
+                        run.end += nbytes
+                    else:
+                        self._serve_run(queue, run)
+                        run.begin(req, offset, is_write)
+                    continue
+                self._serve_run(queue, run)  # anything else is a barrier, served on its own
+                queue.add_used(chain.head, self.serve(req))
+        finally:  # also when the queue breaks: what was held is served before the error goes up
+            self._serve_run(queue, run)
+
+    def _serve_run(self, queue: SplitQueue, run: _Run) -> None:
+        """Serve the held run with one syscall and complete each request in order; on an error or a
+        short transfer serve each again on its own.  Empties *run*."""
+        reqs = run.reqs
+        if not reqs:
+            return
+        run.reqs = []
+        nbytes = run.end - run.start
+        try:
+            if run.is_write:
+                n = os.pwritev(self.fd, run.views, run.start)
+            else:
+                n = os.preadv(self.fd, run.views, run.start)
         except OSError:
             n = -1
         add_used = queue.add_used
         if n != nbytes:
-            for chain, _, _ in reqs:
-                add_used(chain.head, self.handle_chain(queue_index, queue, chain))
+            for req in reqs:
+                add_used(req.chain.head, self.serve(req))
             return
         stats = self.stats
         stats.requests += len(reqs)
-        if is_write:
+        if run.is_write:
             stats.bytes_written += n
-            for chain, status_gpa, _ in reqs:
-                chain.view(status_gpa, 1)[0] = VIRTIO_BLK_S_OK
-                add_used(chain.head, 1)
+            for req in reqs:
+                req.status[0] = VIRTIO_BLK_S_OK  # type: ignore[index]
+                add_used(req.chain.head, 1)
         else:
             stats.bytes_read += n
-            for chain, status_gpa, req_bytes in reqs:
-                chain.view(status_gpa, 1)[0] = VIRTIO_BLK_S_OK
-                add_used(chain.head, req_bytes + 1)
+            for req in reqs:
+                req.status[0] = VIRTIO_BLK_S_OK  # type: ignore[index]
+                add_used(req.chain.head, req.nbytes + 1)
 
     def handle_chain(self, queue_index: int, queue: SplitQueue, chain: DescriptorChain) -> int:
+        return self.serve(parse_request(chain))
+
+    def serve(self, req: BlockRequest) -> int:
+        """Serve one request on its own and write its status; returns the bytes written into the chain."""
         stats = self.stats
         stats.requests += 1
-        writable = chain.writable
-        if not writable or writable[-1][1] == 0:
+        if req.status is None:
             stats.errors += 1
             self.log_once("no-status", "%s: request without a writable status byte", self.name)
             return 0
-        view = chain.view
-        readable = chain.readable
-        # The status byte is the last writable byte; data_in is every writable byte before it.  The usual
-        # layouts (status alone, or one data buffer then the status) skip the generic scatter-list cut.
-        status_gpa, status_len = writable[-1]
-        status_gpa += status_len - 1
-        nw = len(writable)
-        if nw == 1 and status_len == 1:
-            data_in: list[memoryview] = []
-            in_bytes = 0
-        elif nw == 2 and status_len == 1:
-            gpa, in_bytes = writable[0]
-            data_in = [view(gpa, in_bytes)]
-        else:
-            data_in = trim_views(chain.writable_views(), 1)[0]
-            in_bytes = sum(v.nbytes for v in data_in)
         written = 0
-        rtype = -1
+        rtype = req.rtype
         try:
-            if readable and readable[0][1] >= REQ_HEADER.size:
-                rtype, _, sector = REQ_HEADER.unpack_from(view(readable[0][0], REQ_HEADER.size))
-            else:
-                header = chain.read_prefix(REQ_HEADER.size)
-                if len(header) < REQ_HEADER.size:
-                    raise _Status(VIRTIO_BLK_S_IOERR, "request header is not in device-readable buffers")
-                rtype, _, sector = REQ_HEADER.unpack_from(header)
+            if req.error is not None:
+                raise _Status(req.error, req.why)
             if rtype == VIRTIO_BLK_T_IN:
-                if len(readable) != 1 or readable[0][1] != REQ_HEADER.size:
-                    if chain.readable_len != REQ_HEADER.size:
-                        raise _Status(VIRTIO_BLK_S_IOERR, "read request with device-readable data buffers")
-                written = self._read(sector, data_in, in_bytes)
+                written = self._read(req.sector, req.data, req.nbytes)
             elif rtype == VIRTIO_BLK_T_OUT:
-                if data_in:
-                    raise _Status(VIRTIO_BLK_S_IOERR, "write request with device-writable data buffers")
-                if len(readable) == 2 and readable[0][1] == REQ_HEADER.size:
-                    gpa, out_bytes = readable[1]
-                    data_out = [view(gpa, out_bytes)]
-                else:
-                    data_out = split_views(chain.readable_views(), REQ_HEADER.size)[1]
-                    out_bytes = sum(v.nbytes for v in data_out)
-                self._write(sector, data_out, out_bytes)
+                self._write(req.sector, req.data, req.nbytes)
             elif rtype == VIRTIO_BLK_T_FLUSH:
                 if not self.read_only:
                     os.fsync(self.fd)
             elif rtype == VIRTIO_BLK_T_GET_ID:
-                written = chain.write_to_writable(self.serial[:in_bytes])
+                written = req.chain.write_to_writable(self.serial[: req.nbytes])
             elif rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
-                self._discard_or_zero(rtype, chain)
+                self._discard_or_zero(rtype, req.chain)
             else:
                 raise _Status(VIRTIO_BLK_S_UNSUPP, f"unsupported request type {rtype}")
             code = VIRTIO_BLK_S_OK
@@ -476,7 +576,7 @@ class VirtioBlock(VirtioDevice):
             code = VIRTIO_BLK_S_IOERR
             stats.errors += 1
             self.log_once(f"oserror:{e.errno}", "%s: I/O error: %s", self.name, e)
-        view(status_gpa, 1)[0] = code
+        req.status[0] = code
         return written + 1
 
     def _check_range(self, sector: int, nbytes: int) -> int:
@@ -506,54 +606,16 @@ class VirtioBlock(VirtioDevice):
         feature = VIRTIO_BLK_F_WRITE_ZEROES if zeroes else VIRTIO_BLK_F_DISCARD
         if self.read_only or not self.has_feature(feature):
             raise _Status(VIRTIO_BLK_S_UNSUPP, f"{'write-zeroes' if zeroes else 'discard'} not negotiated")
-        length = chain.readable_len - REQ_HEADER.size
-        max_seg = MAX_WRITE_ZEROES_SEG if zeroes else MAX_DISCARD_SEG
-        if length <= 0 or length % DISCARD_SEGMENT.size or length // DISCARD_SEGMENT.size > max_seg:
-            raise _Status(VIRTIO_BLK_S_IOERR, f"bad discard/write-zeroes segment list of {length} bytes")
-        raw = chain.read_prefix(REQ_HEADER.size + length)
-        segments = [
-            DISCARD_SEGMENT.unpack_from(raw, off)
-            for off in range(REQ_HEADER.size, REQ_HEADER.size + length, DISCARD_SEGMENT.size)
-        ]
-        max_sectors = MAX_WRITE_ZEROES_SECTORS if zeroes else MAX_DISCARD_SECTORS
-        for sector, num, flags in segments:  # validate everything before touching the file
-            if flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP or (not zeroes and flags):
-                raise _Status(VIRTIO_BLK_S_UNSUPP, f"unsupported discard/write-zeroes flags {flags:#x}")
-            if num > max_sectors:
-                raise _Status(VIRTIO_BLK_S_IOERR, f"{num} sectors is over the limit of {max_sectors}")
+        segments = parse_segments(chain, zeroes)
+        for sector, num, _ in segments:  # validate everything before touching the file
             self._check_range(sector, num << SECTOR_SHIFT)
         for sector, num, flags in segments:
             offset, nbytes = sector << SECTOR_SHIFT, num << SECTOR_SHIFT
             if nbytes == 0:
                 continue
-            if not zeroes:
-                self._punch(offset, nbytes, must_zero=False)
-            elif flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP:
-                self._punch(offset, nbytes, must_zero=True)
-            else:
-                self._zero_range(offset, nbytes)
-
-    def _punch(self, offset: int, nbytes: int, must_zero: bool) -> None:
-        try:
-            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, nbytes)
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENODEV):
-                raise
-            self.log_once("no-punch", "%s: hole punching not supported here: %s", self.name, e)
-            if must_zero:
-                self._zero_range(offset, nbytes)
-
-    def _zero_range(self, offset: int, nbytes: int) -> None:
-        try:
-            fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, nbytes)
-            return
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENODEV):
-                raise
-        zero = memoryview(_ZEROES)
-        while nbytes:
-            n = os.pwrite(self.fd, zero[: min(nbytes, len(_ZEROES))], offset)
-            if n <= 0:
-                raise OSError(errno.EIO, "short write to disk image")
-            offset += n
-            nbytes -= n
+            if zeroes and not flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP:
+                zero_range(self.fd, offset, nbytes)
+                continue
+            unsupported = punch_hole(self.fd, offset, nbytes, must_zero=zeroes)
+            if unsupported is not None:
+                self.log_once("no-punch", "%s: hole punching not supported here: %s", self.name, unsupported)

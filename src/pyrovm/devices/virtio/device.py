@@ -6,6 +6,10 @@ driver sets DRIVER_OK, :meth:`VirtioDevice.process` when the driver kicks a queu
 :meth:`VirtioDevice.reset` when it writes 0 to the status register.  Devices never raise for a bad
 request: they complete it with an error and count it.  Only a broken queue (:class:`QueueBrokenError`)
 leaves :meth:`process`, for the transport to set DEVICE_NEEDS_RESET.
+
+:meth:`VirtioDevice.save_state` / :meth:`VirtioDevice.restore_state` carry the negotiated features
+(:class:`VirtioDeviceState`; subclasses extend it); queue progress is the transport's
+(``MmioTransportState``).  Restore the device first, then its transport, which re-activates it.
 """
 
 from __future__ import annotations
@@ -35,6 +39,13 @@ VIRTIO_ID_NET = 1
 VIRTIO_ID_BLOCK = 2
 VIRTIO_ID_CONSOLE = 3
 VIRTIO_ID_RNG = 4
+
+
+@dataclass
+class VirtioDeviceState:
+    """What every virtio device keeps across a snapshot: the features the driver accepted."""
+
+    acked_features: int = 0
 
 
 @dataclass
@@ -119,6 +130,15 @@ class VirtioDevice:
         self.queues = []
         self.acked_features = 0
 
+    # -- snapshots -------------------------------------------------------------------------------------
+    def save_state(self) -> VirtioDeviceState:
+        """A copy of the device's state."""
+        return VirtioDeviceState(self.acked_features)
+
+    def restore_state(self, state: VirtioDeviceState) -> None:
+        """Load *state* (from :meth:`save_state` of a device of the same kind and configuration)."""
+        self.acked_features = state.acked_features
+
     # -- requests --------------------------------------------------------------------------------------
     def process(self, queue_index: int) -> None:
         """Serve every available chain of queue *queue_index*.  Raises only :class:`QueueBrokenError`."""
@@ -127,25 +147,16 @@ class VirtioDevice:
         queue = self.queues[queue_index]
         if queue is None:
             return
-        pop = queue.pop
         add_used = queue.add_used
         handle = self.handle_chain
-        while True:
-            queue.disable_notification()
-            while True:
-                try:
-                    chain = pop()
-                except ChainError as e:
-                    self.chain_failed(queue, e)
-                    continue
-                if chain is None:
-                    break
-                written = handle(queue_index, queue, chain)
-                if written is None:  # deferred: the device put the chain back and will come back to it
-                    return
-                add_used(chain.head, written)
-            if not queue.enable_notification():
+        for chain in queue.drain():
+            if isinstance(chain, ChainError):
+                self.chain_failed(queue, chain)
+                continue
+            written = handle(queue_index, queue, chain)
+            if written is None:  # deferred: the device put the chain back and will come back to it
                 return
+            add_used(chain.head, written)
 
     def handle_chain(self, queue_index: int, queue: SplitQueue, chain: DescriptorChain) -> int | None:
         """Serve one request; return the bytes written into its writable buffers, or None to defer it

@@ -95,6 +95,48 @@ def cmdline_fragment(base: int, irq: int) -> str:
     return f"virtio_mmio.device=4K@{base:#x}:{irq}"
 
 
+#: The per-queue registers holding the queue size and ring addresses (QueueReady is apart).
+_QUEUE_ADDRESS_REGS = frozenset(
+    (
+        QUEUE_NUM,
+        QUEUE_DESC_LOW,
+        QUEUE_DESC_HIGH,
+        QUEUE_DRIVER_LOW,
+        QUEUE_DRIVER_HIGH,
+        QUEUE_DEVICE_LOW,
+        QUEUE_DEVICE_HIGH,
+    )
+)
+#: For each 32-bit half of a ring address: the QueueState field and the bit shift of that half.
+_ADDRESS_HALVES = {
+    QUEUE_DESC_LOW: ("desc_addr", 0),
+    QUEUE_DESC_HIGH: ("desc_addr", 32),
+    QUEUE_DRIVER_LOW: ("avail_addr", 0),
+    QUEUE_DRIVER_HIGH: ("avail_addr", 32),
+    QUEUE_DEVICE_LOW: ("used_addr", 0),
+    QUEUE_DEVICE_HIGH: ("used_addr", 32),
+}
+
+
+def read_queue_register(q: QueueState, offset: int) -> int:
+    """QueueNum or one half of a ring address of *q* (*offset* in ``_QUEUE_ADDRESS_REGS``)."""
+    if offset == QUEUE_NUM:
+        return q.size
+    field_name, shift = _ADDRESS_HALVES[offset]
+    return (getattr(q, field_name) >> shift) & 0xFFFFFFFF
+
+
+def write_queue_register(q: QueueState, offset: int, value: int) -> None:
+    """Set QueueNum or one half of a ring address of *q* (*offset* in ``_QUEUE_ADDRESS_REGS``)."""
+    value &= 0xFFFFFFFF
+    if offset == QUEUE_NUM:
+        q.size = value
+        return
+    field_name, shift = _ADDRESS_HALVES[offset]
+    old = getattr(q, field_name)
+    setattr(q, field_name, (old & ~(0xFFFFFFFF << shift)) | (value << shift))
+
+
 @dataclass
 class MmioTransportState:
     """Everything the transport must keep across a snapshot (queue progress included)."""
@@ -194,18 +236,8 @@ class VirtioMmioTransport:
             return st.config_generation
         if offset in (SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH):
             return 0xFFFFFFFF  # no shared memory regions: length -1
-        if q is not None:
-            regs = {
-                QUEUE_NUM: q.size,
-                QUEUE_DESC_LOW: q.desc_addr,
-                QUEUE_DESC_HIGH: q.desc_addr >> 32,
-                QUEUE_DRIVER_LOW: q.avail_addr,
-                QUEUE_DRIVER_HIGH: q.avail_addr >> 32,
-                QUEUE_DEVICE_LOW: q.used_addr,
-                QUEUE_DEVICE_HIGH: q.used_addr >> 32,
-            }
-            if offset in regs:
-                return regs[offset]
+        if q is not None and offset in _QUEUE_ADDRESS_REGS:
+            return read_queue_register(q, offset)
         if offset == QUEUE_RESET:
             return 0
         self._log_once(f"read:{offset:#x}", "read of unknown or write-only register %#x", offset)
@@ -233,16 +265,7 @@ class VirtioMmioTransport:
             st.queue_sel = value
         elif offset == SHM_SEL:
             st.shm_sel = value
-        elif offset in (
-            QUEUE_NUM,
-            QUEUE_READY,
-            QUEUE_DESC_LOW,
-            QUEUE_DESC_HIGH,
-            QUEUE_DRIVER_LOW,
-            QUEUE_DRIVER_HIGH,
-            QUEUE_DEVICE_LOW,
-            QUEUE_DEVICE_HIGH,
-        ):
+        elif offset == QUEUE_READY or offset in _QUEUE_ADDRESS_REGS:
             self._write_queue_reg(offset, value)
         else:
             self._log_once(f"write:{offset:#x}", "write to unknown or read-only register %#x", offset)
@@ -261,22 +284,7 @@ class VirtioMmioTransport:
         if q.ready:
             self._log_once("queue-ready", "queue register %#x written while the queue is ready", offset)
             return
-        lo = value & 0xFFFFFFFF
-        hi = lo << 32
-        if offset == QUEUE_NUM:
-            q.size = lo
-        elif offset == QUEUE_DESC_LOW:
-            q.desc_addr = (q.desc_addr & ~0xFFFFFFFF) | lo
-        elif offset == QUEUE_DESC_HIGH:
-            q.desc_addr = (q.desc_addr & 0xFFFFFFFF) | hi
-        elif offset == QUEUE_DRIVER_LOW:
-            q.avail_addr = (q.avail_addr & ~0xFFFFFFFF) | lo
-        elif offset == QUEUE_DRIVER_HIGH:
-            q.avail_addr = (q.avail_addr & 0xFFFFFFFF) | hi
-        elif offset == QUEUE_DEVICE_LOW:
-            q.used_addr = (q.used_addr & ~0xFFFFFFFF) | lo
-        elif offset == QUEUE_DEVICE_HIGH:
-            q.used_addr = (q.used_addr & 0xFFFFFFFF) | hi
+        write_queue_register(q, offset, value)
 
     # -- status machine ----------------------------------------------------------------------------------
     def _write_status(self, value: int) -> None:
@@ -437,7 +445,12 @@ class VirtioMmioTransport:
             return copy.deepcopy(self.state)
 
     def restore_state(self, state: MmioTransportState) -> None:
-        """Load *state* (from :meth:`save_state`) into a fresh transport; re-activates a live device."""
+        """Load *state* (from :meth:`save_state`) into a fresh transport over the same guest memory.
+
+        Restore the device's own state first.  When the driver had set DRIVER_OK the queues are rebuilt
+        from the saved addresses and indices and handed to the device again: requests still in the
+        avail ring are served at the next notification, requests already completed are not redone.
+        """
         with self._lock:
             self.device.reset()
             self.state = copy.deepcopy(state)

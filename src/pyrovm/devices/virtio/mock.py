@@ -8,11 +8,11 @@ device process them, then read the used ring back.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pyrovm.devices.virtio.queue import (
+    DESC,
     DESC_SIZE,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -21,8 +21,6 @@ from pyrovm.devices.virtio.queue import (
     SplitQueue,
 )
 from pyrovm.memory import GuestMemory
-
-_DESC = struct.Struct("<QIHH")
 
 
 def _align(n: int, a: int) -> int:
@@ -90,7 +88,7 @@ class MockSplitQueue:
 
     def write_desc(self, index: int, addr: int, length: int, flags: int = 0, next_: int = 0) -> None:
         """Write descriptor *index* of the main table."""
-        self.memory.write(self.desc_addr + DESC_SIZE * index, _DESC.pack(addr, length, flags, next_))
+        self.memory.write(self.desc_addr + DESC_SIZE * index, DESC.pack(addr, length, flags, next_))
 
     def publish(self, head: int) -> None:
         """Put *head* on the avail ring and bump the avail index."""
@@ -153,7 +151,7 @@ class MockSplitQueue:
         table = self.alloc(DESC_SIZE * len(bufs), align=16)
         for i, (gpa, n, flags) in enumerate(bufs):
             last = i == len(bufs) - 1
-            entry = _DESC.pack(gpa, n, flags | (0 if last else VIRTQ_DESC_F_NEXT), 0 if last else i + 1)
+            entry = DESC.pack(gpa, n, flags | (0 if last else VIRTQ_DESC_F_NEXT), 0 if last else i + 1)
             self.memory.write(table + DESC_SIZE * i, entry)
         (head,) = self._take_descs(1)
         self.write_desc(head, table, DESC_SIZE * len(bufs), VIRTQ_DESC_F_INDIRECT)
@@ -166,7 +164,7 @@ class MockSplitQueue:
         """Write raw ``(addr, len, flags, next)`` entries as an indirect table; returns its address."""
         table = self.alloc(DESC_SIZE * len(entries), align=16)
         for i, e in enumerate(entries):
-            self.memory.write(table + DESC_SIZE * i, _DESC.pack(*e))
+            self.memory.write(table + DESC_SIZE * i, DESC.pack(*e))
         return table
 
     # -- reading back --------------------------------------------------------------------------------

@@ -2,7 +2,10 @@
 
 A :class:`SplitQueue` is built from the driver's queue registers (a :class:`QueueState`) once the driver
 sets DRIVER_OK.  :meth:`SplitQueue.pop` walks the next available descriptor chain and returns a
-:class:`DescriptorChain`; :meth:`SplitQueue.add_used` puts it back on the used ring;
+:class:`DescriptorChain` (every buffer checked to lie in guest RAM);
+:meth:`SplitQueue.drain` is the loop every device serves a kick with (pop until empty with driver
+notifications off, then re-check after turning them back on); :meth:`SplitQueue.add_used` puts a chain
+back on the used ring;
 :meth:`SplitQueue.needs_notification` applies the notification suppression rules
 (``VIRTQ_AVAIL_F_NO_INTERRUPT`` or ``VIRTIO_F_EVENT_IDX``'s ``used_event``).
 
@@ -22,10 +25,11 @@ from __future__ import annotations
 import struct
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
+from pyrovm.errors import GuestError
 from pyrovm.memory import GuestMemory, GuestMemoryError
 
 # Descriptor flags (§2.7.5)
@@ -59,13 +63,14 @@ def full_barrier() -> None:
         pass
 
 
-_DESC = struct.Struct("<QIHH")
+#: One descriptor: ``addr`` (u64), ``len`` (u32), ``flags`` (u16), ``next`` (u16), little-endian.
+DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 
 
 # -- errors ---------------------------------------------------------------------------------------------
-class VirtqueueError(Exception):
+class VirtqueueError(GuestError):
     """Something the driver put in a virtqueue is invalid."""
 
     #: True when the queue as a whole is unusable (the transport must set DEVICE_NEEDS_RESET).
@@ -126,10 +131,6 @@ class IndirectLengthError(IndirectError):
     """The indirect table length is zero, not a multiple of 16, or too large."""
 
 
-class BufferDirectionError(ChainError):
-    """A writable buffer where a readable one belongs, or the reverse (raised by devices)."""
-
-
 # -- state ----------------------------------------------------------------------------------------------
 @dataclass
 class QueueState:
@@ -173,7 +174,7 @@ class DescriptorChain:
         self.head = head
         self.readable = readable
         self.writable = writable
-        #: ``view(gpa, length)``: a bounds-checked zero-copy view of guest memory (the queue's fast one).
+        #: ``view(gpa, length)``: a bounds-checked zero-copy view of guest memory (``memory.view``).
         self.view = view if view is not None else memory.view
 
     def __repr__(self) -> str:
@@ -266,7 +267,8 @@ class SplitQueue:
 
     The hot path avoids per-request lookups: the ring fields are read and written through typed
     ``memoryview.cast`` views made once here (aligned 2- and 4-byte loads and stores, as the driver does),
-    and buffer bounds are checked against the single RAM region inline when guest memory is one region.
+    and buffers are checked and viewed with :class:`GuestMemory`'s own ``contains`` / ``view`` (which
+    skip the region lookup when guest RAM is one region).
     """
 
     def __init__(
@@ -320,15 +322,8 @@ class SplitQueue:
             self._used_event,
             self._avail_event,
         )
-        regions = memory.regions
-        if len(regions) == 1:
-            r = regions[0]
-            self._ram_lo: int | None = r.guest_addr
-            self._ram_hi = r.guest_addr + r.size
-        else:
-            self._ram_lo = None
-            self._ram_hi = 0
-        self._view = _fast_viewer(memory)
+        self._view = memory.view
+        self._contains_all = memory.contains_all
         self._added = 0  # used entries added since the last needs_notification()
 
     # -- driver -> device ---------------------------------------------------------------------------
@@ -367,21 +362,50 @@ class SplitQueue:
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
         self._walk(head, readable, writable)
+        if not (self._contains_all(readable) and self._contains_all(writable)):
+            for addr, length in (*readable, *writable):
+                if not self.memory.contains(addr, length):
+                    why = f"buffer {addr:#x}+{length:#x} outside guest RAM"
+                    raise DescriptorOutOfRangeError(head, why)
         return DescriptorChain(self.memory, head, readable, writable, self._view)
 
     def undo_pop(self) -> None:
         """Give back the last popped chain: the next :meth:`pop` returns it again."""
         self.state.next_avail = (self.state.next_avail - 1) & 0xFFFF
 
+    def drain(self) -> Iterator[DescriptorChain | ChainError]:
+        """Every available chain, in order, then every one that arrives until the queue stays empty.
+
+        Driver notifications are off while draining; once the ring looks empty they are turned back on
+        and the avail index read again, so a chain published in between is not left behind.  A malformed
+        chain is yielded as its :class:`ChainError` (already consumed: complete ``error.head``).  Fatal
+        errors (:class:`QueueBrokenError`) propagate.  A consumer that defers a chain calls
+        :meth:`undo_pop` and stops iterating; notifications then stay off until it comes back.
+        """
+        pop = self.pop
+        while True:
+            self.disable_notification()
+            while True:
+                try:
+                    chain = pop()
+                except ChainError as e:
+                    yield e
+                    continue
+                if chain is None:
+                    break
+                yield chain
+            if not self.enable_notification():
+                return
+
     def _walk(self, head: int, readable: list[tuple[int, int]], writable: list[tuple[int, int]]) -> None:
+        """Collect the chain's buffers (:meth:`pop` checks their bounds, all with one call)."""
+        view = self._view
         table = self._desc
         table_size = self.size
         ttl = table_size
         index = head
         in_indirect = False
-        unpack = _DESC.unpack_from
-        lo = self._ram_lo
-        hi = self._ram_hi
+        unpack = DESC.unpack_from
         while True:
             if ttl == 0:
                 raise ChainLoopError(head, f"more than {table_size} descriptors: the chain loops")
@@ -397,21 +421,15 @@ class SplitQueue:
                 if length == 0 or length % DESC_SIZE or length > MAX_INDIRECT_ENTRIES * DESC_SIZE:
                     raise IndirectLengthError(head, f"indirect table length {length} is invalid")
                 try:
-                    table = self._view(addr, length)
-                except GuestMemoryError:
+                    table = view(addr, length)
+                except GuestMemoryError as e:
                     raise DescriptorOutOfRangeError(
                         head, f"indirect table {addr:#x}+{length:#x} outside guest RAM"
-                    ) from None
+                    ) from e
                 table_size = ttl = length // DESC_SIZE
                 index = 0
                 in_indirect = True
                 continue
-            if (
-                (addr < lo or addr + length > hi)
-                if lo is not None
-                else not self.memory.contains(addr, length)
-            ):
-                raise DescriptorOutOfRangeError(head, f"buffer {addr:#x}+{length:#x} outside guest RAM")
             if flags & VIRTQ_DESC_F_WRITE:
                 writable.append((addr, length))
             elif writable:
@@ -486,20 +504,3 @@ class SplitQueue:
         """Drop the views of guest memory (after reset)."""
         for v in (*self._typed, self._desc, self._avail, self._used):
             v.release()
-
-
-def _fast_viewer(memory: GuestMemory) -> Callable[[int, int], memoryview]:
-    """``memory.view`` with the region lookup done once when guest RAM is a single region."""
-    regions = memory.regions
-    if len(regions) != 1:
-        return memory.view
-    region = regions[0]
-    base, size, ram = region.guest_addr, region.size, region.view
-
-    def view(gpa: int, length: int) -> memoryview:
-        off = gpa - base
-        if off < 0 or length < 0 or off + length > size:
-            raise GuestMemoryError(f"guest address range {gpa:#x}+{length:#x} is outside guest RAM")
-        return ram[off : off + length]
-
-    return view

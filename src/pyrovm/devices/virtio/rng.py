@@ -2,7 +2,8 @@
 
 An optional byte-rate limit (token bucket of ``rate_bytes_per_s`` bytes per second, bursts of up to one
 second's worth) defers requests when the bucket is empty: the chain is put back on the queue and a timer
-of the event loop processes the queue again once enough tokens have accumulated.
+of the event loop processes the queue again once enough tokens have accumulated.  Its state
+(:class:`VirtioRngState`) adds the tokens in the bucket to the negotiated features.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
-from pyrovm.devices.virtio.device import VIRTIO_ID_RNG, VirtioDevice
+from pyrovm.devices.virtio.device import VIRTIO_ID_RNG, VirtioDevice, VirtioDeviceState
 from pyrovm.devices.virtio.queue import DescriptorChain, SplitQueue
 
 #: The most bytes one request gets (the device may fill less than the driver offers).
@@ -23,6 +25,13 @@ class Scheduler(Protocol):
     """What the device needs of the event loop: a one-shot timer."""
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> object: ...
+
+
+@dataclass
+class VirtioRngState(VirtioDeviceState):
+    """The rate limiter's bucket: *tokens* bytes available when saved (0 without a limit)."""
+
+    tokens: float = 0.0
 
 
 class VirtioRng(VirtioDevice):
@@ -60,6 +69,18 @@ class VirtioRng(VirtioDevice):
         self._generation += 1  # a timer armed before the reset does nothing
         self._timer_pending = False
         super().reset()
+
+    def save_state(self) -> VirtioRngState:
+        if self.rate is not None:
+            self._refill()
+        return VirtioRngState(self.acked_features, self._tokens)
+
+    def restore_state(self, state: VirtioDeviceState) -> None:
+        """Load *state*; the bucket refills from the saved level from now on (capped at this rate)."""
+        super().restore_state(state)
+        if isinstance(state, VirtioRngState) and self.rate is not None:
+            self._tokens = min(float(self.rate), state.tokens)
+            self._last = self._clock()
 
     def _refill(self) -> None:
         assert self.rate is not None
