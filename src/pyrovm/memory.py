@@ -9,8 +9,7 @@ paths (virtqueues, ``os.preadv`` straight into guest RAM).
 The bounds check lives here only.  :meth:`GuestMemory._find` looks a range up among any number of
 regions; when guest RAM is a single region (the usual case) :meth:`GuestMemory.view` and
 :meth:`GuestMemory.contains` are replaced at construction by closures over that region's base, size and
-view (:func:`_one_region_access`), so the hot paths pay one call and no lookup; ``contains_all`` checks a
-whole scatter list with one call.
+view (:func:`_one_region_access`), so the hot paths pay one call and no lookup.
 """
 
 from __future__ import annotations
@@ -54,26 +53,15 @@ def _outside(gpa: int, length: int) -> GuestMemoryError:
     return GuestMemoryError(f"guest address range {gpa:#x}+{length:#x} is outside guest RAM")
 
 
-_Ranges = Iterable[tuple[int, int]]
-
-
 def _one_region_access(
     region: MemoryRegion,
-) -> tuple[Callable[[int, int], memoryview], Callable[[int, int], bool], Callable[[_Ranges], bool]]:
-    """``(view, contains, contains_all)`` for guest RAM made of *region* alone: the region lookup is done
-    once, here."""
+) -> tuple[Callable[[int, int], memoryview], Callable[[int, int], bool]]:
+    """``(view, contains)`` for guest RAM made of *region* alone: the region lookup is done once, here."""
     base, size, ram = region.guest_addr, region.size, region.view
 
     def contains(gpa: int, length: int = 1) -> bool:
         off = gpa - base
         return off >= 0 and length >= 0 and off + length <= size
-
-    def contains_all(ranges: _Ranges) -> bool:
-        for gpa, length in ranges:
-            off = gpa - base
-            if off < 0 or length < 0 or off + length > size:
-                return False
-        return True
 
     def view(gpa: int, length: int) -> memoryview:
         off = gpa - base
@@ -81,7 +69,7 @@ def _one_region_access(
             return ram[off : off + length]
         raise _outside(gpa, length)
 
-    return view, contains, contains_all
+    return view, contains
 
 
 def _map(size: int, fd: int | None, offset: int) -> mmap.mmap:
@@ -98,8 +86,6 @@ class GuestMemory:
     view: Callable[[int, int], memoryview]
     #: ``contains(gpa, length=1)``: True when ``[gpa, gpa + length)`` lies in one region.
     contains: Callable[..., bool]
-    #: ``contains_all(ranges)``: True when every ``(gpa, length)`` of *ranges* lies in one region.
-    contains_all: Callable[[_Ranges], bool]
 
     def __init__(self, layout: Iterable[tuple[int, int]], fd: int | None = None) -> None:
         """Map each ``(guest_addr, size)`` of *layout*: anonymous memory, or consecutive parts of *fd*."""
@@ -121,9 +107,9 @@ class GuestMemory:
         self._regions = regions
         self._starts = [r.guest_addr for r in regions]
         if len(regions) == 1:
-            self.view, self.contains, self.contains_all = _one_region_access(regions[0])
+            self.view, self.contains = _one_region_access(regions[0])
         else:
-            self.view, self.contains, self.contains_all = self._view_any, self._contains_any, self._all_any
+            self.view, self.contains = self._view_any, self._contains_any
 
     # -- layout --------------------------------------------------------------------------------------
     @property
@@ -147,9 +133,6 @@ class GuestMemory:
             if off + length <= r.size:
                 return r, off
         raise _outside(gpa, length)
-
-    def _all_any(self, ranges: _Ranges) -> bool:
-        return all(self._contains_any(gpa, length) for gpa, length in ranges)
 
     def _contains_any(self, gpa: int, length: int = 1) -> bool:
         try:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyrovm.devices.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice, VirtioDeviceState
-from pyrovm.devices.virtio.queue import ChainError, DescriptorChain, SplitQueue, split_views, trim_views
+from pyrovm.devices.virtio.queue import DescriptorChain, SplitQueue, split_views, trim_views
 from pyrovm.errors import DeviceError
 
 SECTOR_SIZE = 512
@@ -172,9 +172,25 @@ def parse_request(chain: DescriptorChain) -> BlockRequest:
     """Header, data buffers and status byte of *chain*.  The usual layouts (header alone, then one data
     buffer, then the status byte alone) skip the generic scatter-list cuts."""
     writable = chain.writable
+    readable = chain.readable
+    view = chain.view
+    # the layouts drivers use: [header] [data, status] for reads, [header, data] [status] for writes
+    if (
+        readable
+        and writable
+        and len(readable) + len(writable) == 3
+        and readable[0][1] == REQ_HEADER.size
+        and writable[-1][1] == 1
+    ):
+        rtype, _, sector = REQ_HEADER.unpack_from(view(readable[0][0], REQ_HEADER.size))
+        if rtype == VIRTIO_BLK_T_IN and len(writable) == 2:
+            gpa, n = writable[0]
+            return BlockRequest(chain, rtype, sector, [view(gpa, n)], n, view(writable[1][0], 1))
+        if rtype == VIRTIO_BLK_T_OUT and len(readable) == 2:
+            gpa, n = readable[1]
+            return BlockRequest(chain, rtype, sector, [view(gpa, n)], n, view(writable[0][0], 1))
     if not writable or not writable[-1][1]:
         return BlockRequest(chain, -1, 0, [], 0, None, VIRTIO_BLK_S_IOERR, "no writable status byte")
-    view = chain.view
     status_gpa, status_len = writable[-1]
     status = view(status_gpa + status_len - 1, 1)
     nw = len(writable)
@@ -191,7 +207,6 @@ def parse_request(chain: DescriptorChain) -> BlockRequest:
     else:
         data_in = [view(gpa, n) for gpa, n in writable[:-1]]
         in_bytes = sum(v.nbytes for v in data_in)
-    readable = chain.readable
     if readable and readable[0][1] >= REQ_HEADER.size:
         rtype, _, sector = REQ_HEADER.unpack_from(view(readable[0][0], REQ_HEADER.size))
     else:
@@ -216,26 +231,6 @@ def parse_request(chain: DescriptorChain) -> BlockRequest:
         data_out = split_views(chain.readable_views(), REQ_HEADER.size)[1]
         return BlockRequest(chain, rtype, sector, data_out, sum(v.nbytes for v in data_out), status)
     return BlockRequest(chain, rtype, sector, data_in, in_bytes, status)
-
-
-class _Run:
-    """Held requests: adjacent plain reads (or writes) to be served by one ``preadv`` (``pwritev``)."""
-
-    __slots__ = ("end", "is_write", "reqs", "start", "views")
-
-    def __init__(self) -> None:
-        self.reqs: list[BlockRequest] = []
-        self.views: list[memoryview] = []
-        self.is_write = False
-        self.start = self.end = 0
-
-    def begin(self, req: BlockRequest, offset: int, is_write: bool) -> None:
-        """Start a new run with *req* (the previous one must have been served)."""
-        self.reqs = [req]
-        self.views = list(req.data)
-        self.is_write = is_write
-        self.start = offset
-        self.end = offset + req.nbytes
 
 
 # -- file I/O -------------------------------------------------------------------------------------------
@@ -465,16 +460,22 @@ class VirtioBlock(VirtioDevice):
         queue = self.queues[queue_index]
         if queue is None:
             return
-        run = _Run()
-        read_only, size = self.read_only, self.size
+        read_only, size, serve_run = self.read_only, self.size, self._serve_run
+        # the held run: its requests, their buffers, direction and byte range
+        reqs: list[BlockRequest] = []
+        views: list[memoryview] = []
+        is_write = False
+        start = end = 0
         try:
             for chain in queue.drain():
-                if isinstance(chain, ChainError):
-                    self._serve_run(queue, run)
-                    self.chain_failed(queue, chain)
+                if type(chain) is not DescriptorChain:
+                    # the ring looks empty (None) or a malformed chain: serve what is held first
+                    reqs = serve_run(queue, reqs, views, is_write, start, end)
+                    if chain is not None:
+                        self.chain_failed(queue, chain)  # type: ignore[arg-type]
                     continue
                 req = parse_request(chain)
-                rtype, nbytes = req.rtype, req.nbytes
+                rtype, nbytes, data = req.rtype, req.nbytes, req.data
                 offset = req.sector << SECTOR_SHIFT
                 if (
                     req.error is None
@@ -482,51 +483,56 @@ class VirtioBlock(VirtioDevice):
                     and nbytes
                     and not nbytes % SECTOR_SIZE
                     and offset + nbytes <= size
-                    and len(req.data) <= _IOV_MAX
+                    and len(data) <= _IOV_MAX
                 ):  # a plain valid read or write: held, to be merged with the next ones
-                    is_write = rtype == VIRTIO_BLK_T_OUT
+                    write = rtype == VIRTIO_BLK_T_OUT
                     if (
-                        offset == run.end
-                        and is_write == run.is_write
-                        and run.reqs
-                        and len(run.views) + len(req.data) <= _IOV_MAX
-                        and run.end - run.start + nbytes <= MERGE_MAX_BYTES
+                        reqs
+                        and offset == end
+                        and write == is_write
+                        and len(views) + len(data) <= _IOV_MAX
+                        and end - start + nbytes <= MERGE_MAX_BYTES
                     ):  # it continues the run
-                        run.reqs.append(req)
-                        run.views += req.data
-                        run.end += nbytes
+                        reqs.append(req)
+                        views += data
+                        end += nbytes
                     else:
-                        self._serve_run(queue, run)
-                        run.begin(req, offset, is_write)
+                        if reqs:
+                            serve_run(queue, reqs, views, is_write, start, end)
+                        reqs, views, is_write, start, end = [req], list(data), write, offset, offset + nbytes
                     continue
-                self._serve_run(queue, run)  # anything else is a barrier, served on its own
+                reqs = serve_run(queue, reqs, views, is_write, start, end)  # anything else is a barrier
                 queue.add_used(chain.head, self.serve(req))
         finally:  # also when the queue breaks: what was held is served before the error goes up
-            self._serve_run(queue, run)
+            serve_run(queue, reqs, views, is_write, start, end)
 
-    def _serve_run(self, queue: SplitQueue, run: _Run) -> None:
-        """Serve the held run with one syscall and complete each request in order; on an error or a
-        short transfer serve each again on its own.  Empties *run*."""
-        reqs = run.reqs
+    def _serve_run(
+        self,
+        queue: SplitQueue,
+        reqs: list[BlockRequest],
+        views: list[memoryview],
+        is_write: bool,
+        start: int,
+        end: int,
+    ) -> list[BlockRequest]:
+        """Serve a held run (adjacent reads, or writes, covering ``[start, end)`` of the image) with one
+        syscall and complete each request in order; on an error or a short transfer serve each again on
+        its own.  Returns a new empty run list."""
         if not reqs:
-            return
-        run.reqs = []
-        nbytes = run.end - run.start
+            return reqs
+        nbytes = end - start
         try:
-            if run.is_write:
-                n = os.pwritev(self.fd, run.views, run.start)
-            else:
-                n = os.preadv(self.fd, run.views, run.start)
+            n = os.pwritev(self.fd, views, start) if is_write else os.preadv(self.fd, views, start)
         except OSError:
             n = -1
         add_used = queue.add_used
         if n != nbytes:
             for req in reqs:
                 add_used(req.chain.head, self.serve(req))
-            return
+            return []
         stats = self.stats
         stats.requests += len(reqs)
-        if run.is_write:
+        if is_write:
             stats.bytes_written += n
             for req in reqs:
                 req.status[0] = VIRTIO_BLK_S_OK  # type: ignore[index]
@@ -536,6 +542,7 @@ class VirtioBlock(VirtioDevice):
             for req in reqs:
                 req.status[0] = VIRTIO_BLK_S_OK  # type: ignore[index]
                 add_used(req.chain.head, req.nbytes + 1)
+        return []
 
     def handle_chain(self, queue_index: int, queue: SplitQueue, chain: DescriptorChain) -> int:
         return self.serve(parse_request(chain))

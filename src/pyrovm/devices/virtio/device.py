@@ -150,6 +150,8 @@ class VirtioDevice:
         add_used = queue.add_used
         handle = self.handle_chain
         for chain in queue.drain():
+            if chain is None:  # the ring looks empty: nothing is held here
+                continue
             if isinstance(chain, ChainError):
                 self.chain_failed(queue, chain)
                 continue

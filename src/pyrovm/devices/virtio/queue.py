@@ -323,7 +323,7 @@ class SplitQueue:
             self._avail_event,
         )
         self._view = memory.view
-        self._contains_all = memory.contains_all
+        self._contains = memory.contains
         self._added = 0  # used entries added since the last needs_notification()
 
     # -- driver -> device ---------------------------------------------------------------------------
@@ -361,8 +361,8 @@ class SplitQueue:
         st.next_avail = (next_avail + 1) & 0xFFFF
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
-        self._walk(head, readable, writable)
-        if not (self._contains_all(readable) and self._contains_all(writable)):
+        lo, hi = self._walk(head, readable, writable)
+        if not self._contains(lo, hi - lo):  # one check of the span; then the buffers one by one
             for addr, length in (*readable, *writable):
                 if not self.memory.contains(addr, length):
                     why = f"buffer {addr:#x}+{length:#x} outside guest RAM"
@@ -373,14 +373,16 @@ class SplitQueue:
         """Give back the last popped chain: the next :meth:`pop` returns it again."""
         self.state.next_avail = (self.state.next_avail - 1) & 0xFFFF
 
-    def drain(self) -> Iterator[DescriptorChain | ChainError]:
+    def drain(self) -> Iterator[DescriptorChain | ChainError | None]:
         """Every available chain, in order, then every one that arrives until the queue stays empty.
 
-        Driver notifications are off while draining; once the ring looks empty they are turned back on
-        and the avail index read again, so a chain published in between is not left behind.  A malformed
-        chain is yielded as its :class:`ChainError` (already consumed: complete ``error.head``).  Fatal
-        errors (:class:`QueueBrokenError`) propagate.  A consumer that defers a chain calls
-        :meth:`undo_pop` and stops iterating; notifications then stay off until it comes back.
+        Driver notifications are off while draining.  Each time the ring looks empty, ``None`` is yielded
+        first: the consumer completes whatever it holds (e.g. requests kept back to be merged), so that a
+        driver waiting for them can publish more before notifications are turned back on and the avail
+        index is read again (a chain published in between is not left behind).  A malformed chain is
+        yielded as its :class:`ChainError` (already consumed: complete ``error.head``).  Fatal errors
+        (:class:`QueueBrokenError`) propagate.  A consumer that defers a chain calls :meth:`undo_pop` and
+        stops iterating; notifications then stay off until it comes back.
         """
         pop = self.pop
         while True:
@@ -394,12 +396,19 @@ class SplitQueue:
                 if chain is None:
                     break
                 yield chain
+            yield None
             if not self.enable_notification():
                 return
 
-    def _walk(self, head: int, readable: list[tuple[int, int]], writable: list[tuple[int, int]]) -> None:
-        """Collect the chain's buffers (:meth:`pop` checks their bounds, all with one call)."""
+    def _walk(
+        self, head: int, readable: list[tuple[int, int]], writable: list[tuple[int, int]]
+    ) -> tuple[int, int]:
+        """Collect the chain's buffers; returns the span ``(lowest address, highest end)`` they cover, for
+        :meth:`pop` to check with one call (guest RAM in one region holds all of them iff it holds the
+        span)."""
         view = self._view
+        lo = 1 << 64
+        hi = 0
         table = self._desc
         table_size = self.size
         ttl = table_size
@@ -430,6 +439,10 @@ class SplitQueue:
                 index = 0
                 in_indirect = True
                 continue
+            if addr < lo:
+                lo = addr
+            if addr + length > hi:
+                hi = addr + length
             if flags & VIRTQ_DESC_F_WRITE:
                 writable.append((addr, length))
             elif writable:
@@ -437,7 +450,7 @@ class SplitQueue:
             else:
                 readable.append((addr, length))
             if not flags & VIRTQ_DESC_F_NEXT:
-                return
+                return lo, hi
             if nxt >= table_size:
                 raise DescriptorIndexError(head, f"next index {nxt} outside a table of {table_size}")
             index = nxt
