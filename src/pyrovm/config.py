@@ -43,7 +43,7 @@ def parse_size(value: str | int, what: str = "memory") -> int:
             raise ConfigError(f"{what} size {value} is negative")
         return value << 20
     m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", value, re.IGNORECASE)
-    if not m:
+    if not m or (not m.group(2) and (m.group(3) or "B").upper() != "B"):  # "iB" alone is no unit
         raise ConfigError(f"{what} size {value!r} is not a size like 128M, 1G or 512K")
     n = int(m.group(1))
     unit = m.group(2).upper()
@@ -179,8 +179,8 @@ class VmConfig:
             check()
 
     def _checks(self) -> Iterator[Any]:
+        yield self._check_memory  # first: the kernel and initrd sizes are checked against it
         yield self._check_kernel
-        yield self._check_memory
         yield self._check_cpus
         yield self._check_options
         yield self._check_disks
@@ -217,10 +217,14 @@ class VmConfig:
             raise ConfigError(f"boot mode {self.boot!r}: choose auto, pvh or linux64")
         if self.cpu_vendor is not None and (len(self.cpu_vendor) != 12 or not self.cpu_vendor.isascii()):
             raise ConfigError(f"CPU vendor {self.cpu_vendor!r}: 12 ASCII characters, e.g. GenuineIntel")
-        if self.rng_rate is not None and (not isinstance(self.rng_rate, int) or self.rng_rate <= 0):
+        rate = self.rng_rate
+        if rate is not None and (not isinstance(rate, int) or isinstance(rate, bool) or rate <= 0):
             raise ConfigError(f"rng rate {self.rng_rate}: must be a positive number of bytes per second")
         if self.timeout is not None and (
-            not isinstance(self.timeout, int | float) or math.isnan(self.timeout) or self.timeout < 0
+            not isinstance(self.timeout, int | float)
+            or isinstance(self.timeout, bool)
+            or math.isnan(self.timeout)
+            or self.timeout < 0
         ):
             raise ConfigError(f"timeout {self.timeout}: must be a number of seconds, 0 or more")
         if self.boot_marker is not None:
