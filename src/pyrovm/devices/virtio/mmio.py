@@ -152,6 +152,19 @@ class MmioTransportState:
     queues: list[QueueState] = field(default_factory=list)
 
 
+def features_refusal(status: int, driver_features: int, offered: int) -> tuple[str, str] | None:
+    """Why FEATURES_OK must be refused (a log key and message), or None when the driver's features are
+    acceptable: DRIVER set first, VERSION_1 taken (no legacy drivers), nothing taken that was not offered."""
+    if not status & STATUS_DRIVER:
+        return "features-order", "FEATURES_OK before DRIVER: refused"
+    if not driver_features >> VIRTIO_F_VERSION_1 & 1:
+        return "legacy", "driver did not accept VIRTIO_F_VERSION_1 (legacy driver): FEATURES_OK refused"
+    extra = driver_features & ~offered
+    if extra:
+        return "features-extra", f"driver took features {extra:#x} that were not offered: refused"
+    return None
+
+
 class VirtioMmioTransport:
     """One virtio-mmio slot (BusDevice protocol: ``read(offset, size)``, ``write(offset, data)``)."""
 
@@ -312,21 +325,10 @@ class VirtioMmioTransport:
             self._activate()
 
     def _features_ok(self) -> bool:
-        st = self.state
-        if not st.status & STATUS_DRIVER:
-            self._log_once("features-order", "FEATURES_OK before DRIVER: refused")
-            return False
-        drv = st.driver_features
-        if not drv >> VIRTIO_F_VERSION_1 & 1:
-            self._log_once(
-                "legacy", "driver did not accept VIRTIO_F_VERSION_1 (legacy driver): FEATURES_OK refused"
-            )
-            return False
-        extra = drv & ~self.device.features
-        if extra:
-            self._log_once("features-extra", "driver took features %#x that were not offered: refused", extra)
-            return False
-        return True
+        refusal = features_refusal(self.state.status, self.state.driver_features, self.device.features)
+        if refusal is not None:
+            self._log_once(*refusal)
+        return refusal is None
 
     def _activate(self) -> None:
         st = self.state
