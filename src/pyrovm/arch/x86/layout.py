@@ -14,13 +14,11 @@ RAM that does not fit below the hole continues at 4 GiB.
 """
 
 GDT_ADDR = 0x500
-GDT_MAX_ENTRIES = 4
 IDT_ADDR = 0x520
 PVH_INFO_ADDR = 0x6000
 PVH_MEMMAP_ADDR = 0x6100
 PVH_MEMMAP_MAX_ENTRIES = 64
 ZERO_PAGE_ADDR = 0x7000
-AP_TRAMPOLINE_ADDR = 0x8000
 PML4_ADDR = 0x9000
 PDPT_ADDR = 0xA000
 PD_ADDR = 0xB000  # 4 pages: identity map of the low 4 GiB with 2 MiB pages
@@ -34,8 +32,6 @@ INITRD_ALIGN = 0x1000
 
 MMIO_GAP_START = 0xC000_0000  # 3 GiB
 MMIO_GAP_END = 0x1_0000_0000  # 4 GiB
-#: An address in the device hole that no device claims (the test guest's MMIO exit benchmark).
-UNCLAIMED_MMIO_ADDR = 0xC000_0000
 #: Boot-timer device (pyrovm.devices.boot_timer): the guest writes the byte 123 here once booted.
 BOOT_TIMER_MMIO_ADDR = 0xC000_1000
 VIRTIO_MMIO_BASE = 0xD000_0000
@@ -53,11 +49,8 @@ I8042_PORT = 0x60  # data 0x60, command/status 0x64
 I8042_COMMAND_PORT = 0x64
 RTC_PORT = 0x70
 EXIT_PORT = 0xF4  # QEMU isa-debug-exit compatible
-BOOT_TIMER_PORT = 0x80  # debug port POST codes (Cloud Hypervisor style boot markers)
-UNCLAIMED_PIO_PORT = 0x500  # no device: the test guest's port-exit benchmark
 
 # IRQs
-FIRST_VIRTIO_IRQ = 5
 MAX_LEGACY_IRQ = 23  # IOAPIC pins
 
 
