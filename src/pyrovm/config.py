@@ -72,6 +72,9 @@ class DiskSpec:
     read_only: bool = False
     serial: str | None = None
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
     @classmethod
     def parse(cls, spec: str) -> DiskSpec:
         path, *opts = spec.split(",")
