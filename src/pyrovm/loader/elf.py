@@ -14,8 +14,14 @@ ELF_MAGIC = b"\x7fELF"
 ELFCLASS64 = 2
 ELFDATA2LSB = 1
 EM_X86_64 = 62
+ET_REL = 1
+ET_EXEC = 2
+ET_DYN = 3
+ET_CORE = 4
 PT_LOAD = 1
+PT_INTERP = 3
 PT_NOTE = 4
+PT_TLS = 7
 XEN_ELFNOTE_PHYS32_ENTRY = 18
 
 _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
@@ -33,6 +39,11 @@ class ElfKernel:
     pvh_entry: int | None  # 32-bit PVH entry from the Xen note, if any
     load_start: int
     load_end: int  # first byte past the highest loaded segment (memsz included)
+    segments: tuple[tuple[int, int], ...] = ()  # (physical address, memsz) of each loaded segment
+
+    def loaded(self, addr: int) -> bool:
+        """True when *addr* lies in a loaded segment (an entry point must)."""
+        return any(start <= addr < start + size for start, size in self.segments)
 
 
 def is_elf(data: bytes) -> bool:
@@ -79,7 +90,7 @@ def load_elf(mem: GuestMemory, data: bytes, name: str = "kernel") -> ElfKernel:
     """Copy the ``PT_LOAD`` segments of ELF *data* into guest memory."""
     if len(data) < _EHDR.size or not is_elf(data):
         raise KernelLoadError(f"{name}: not an ELF file")
-    ident, _etype, machine, _ver, entry, phoff, _sh, _fl, _ehsz, phentsize, phnum, *_ = _EHDR.unpack_from(
+    ident, etype, machine, _ver, entry, phoff, _sh, _fl, _ehsz, phentsize, phnum, *_ = _EHDR.unpack_from(
         data
     )
     if ident[4] != ELFCLASS64 or ident[5] != ELFDATA2LSB:
@@ -88,8 +99,10 @@ def load_elf(mem: GuestMemory, data: bytes, name: str = "kernel") -> ElfKernel:
         raise KernelLoadError(f"{name}: ELF for machine {machine}, not x86-64")
     if phentsize != _PHDR.size or phoff + phnum * phentsize > len(data) or phnum == 0:
         raise KernelLoadError(f"{name}: truncated or malformed ELF program headers")
+    _check_kernel_kind(data, name, etype, phoff, phnum)
     pvh: int | None = None
     lo, hi = None, 0
+    segments: list[tuple[int, int]] = []
     for i in range(phnum):
         ptype, _flags, off, _vaddr, paddr, filesz, memsz, _align = _PHDR.unpack_from(
             data, phoff + i * phentsize
@@ -112,6 +125,28 @@ def load_elf(mem: GuestMemory, data: bytes, name: str = "kernel") -> ElfKernel:
             ) from exc
         lo = paddr if lo is None else min(lo, paddr)
         hi = max(hi, paddr + memsz)
+        segments.append((paddr, memsz))
     if lo is None:
         raise KernelLoadError(f"{name}: ELF has no loadable segments")
-    return ElfKernel(entry64=entry, pvh_entry=pvh, load_start=lo, load_end=hi)
+    return ElfKernel(entry64=entry, pvh_entry=pvh, load_start=lo, load_end=hi, segments=tuple(segments))
+
+
+_NOT_EXEC = {
+    ET_REL: "a relocatable object file",
+    ET_DYN: "a shared object or position-independent program",
+    ET_CORE: "a core dump",
+}
+
+
+def _check_kernel_kind(data: bytes, name: str, etype: int, phoff: int, phnum: int) -> None:
+    """Refuse ELF files that are clearly not kernels: other types than ``ET_EXEC``, and programs that ask
+    for a dynamic loader (``PT_INTERP``) or have thread-local storage (``PT_TLS``), as user programs do."""
+    if etype != ET_EXEC:
+        what = _NOT_EXEC.get(etype, f"ELF type {etype}")
+        raise KernelLoadError(f"{name}: not a kernel: {what} (a kernel is an ET_EXEC image)")
+    for i in range(phnum):
+        ptype = _PHDR.unpack_from(data, phoff + i * _PHDR.size)[0]
+        if ptype == PT_INTERP:
+            raise KernelLoadError(f"{name}: not a kernel: a user-space program (it names a dynamic loader)")
+        if ptype == PT_TLS:
+            raise KernelLoadError(f"{name}: not a kernel: a user-space program (it has thread-local storage)")

@@ -89,6 +89,11 @@ def load_kernel(
             raise KernelLoadError(f"{name}: no PVH entry note (use boot=linux64)")
         bootparams.write_pvh_start_info(memory, e820, cmdline_addr, placed)
         return BootSetup("pvh", elf.pvh_entry, str(cmdline), placed)
+    if not elf.loaded(elf.entry64):
+        raise KernelLoadError(
+            f"{name}: not a kernel: its entry point {elf.entry64:#x} is outside its loaded segments "
+            "and it has no PVH note"
+        )
     bootparams.write_zero_page(memory, e820, cmdline_addr, layout.CMDLINE_MAX_SIZE, None, placed)
     return BootSetup("linux64", elf.entry64, str(cmdline), placed)
 
