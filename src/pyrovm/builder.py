@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
+import os
 import sys
 from typing import BinaryIO
 
@@ -40,16 +42,17 @@ def build(config: VmConfig, *, console: BinaryIO | None = None) -> Machine:
     KVM refuses a step.
     """
     config.validate()
-    kernel = _read_kernel(config)
-    workarounds = host.workarounds_apply(kernel, config.host_workarounds)
-    cmdline = Cmdline(config.cmdline)
-    vendor = config.cpu_vendor
-    if workarounds:
-        host.warn_once()
-        cmdline.add_missing(*host.PVM_CMDLINE_OPTIONS)
-        vendor = vendor or host.PVM_CPU_VENDOR
     stack = contextlib.ExitStack()
+    kernel_file = contextlib.ExitStack()  # the mapped kernel: released once it is loaded
     try:
+        kernel = _map_kernel(config, kernel_file)
+        workarounds = host.workarounds_apply(kernel, config.host_workarounds)
+        cmdline = Cmdline(config.cmdline)
+        vendor = config.cpu_vendor
+        if workarounds:
+            host.warn_once()
+            cmdline.add_missing(*host.PVM_CMDLINE_OPTIONS)
+            vendor = vendor or host.PVM_CPU_VENDOR
         events = MachineEvents(_open_console(config, console, stack), config.boot_marker)
         memory = _map_memory(config.memory, stack)
         kvm, kvm_vm = _create_vm(config, memory, stack)
@@ -75,13 +78,28 @@ def build(config: VmConfig, *, console: BinaryIO | None = None) -> Machine:
     except BaseException:
         stack.close()
         raise
+    finally:
+        kernel_file.close()
 
 
-def _read_kernel(config: VmConfig) -> bytes:
+def _map_kernel(config: VmConfig, stack: contextlib.ExitStack) -> bytes:
+    """The kernel file, mapped read-only (the loaders copy only what they load; the size was checked)."""
     try:
-        return config.kernel.read_bytes()
+        with open(config.kernel, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise ConfigError(f"kernel {config.kernel}: empty file")
+            mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
     except OSError as exc:
         raise ConfigError(f"kernel {config.kernel}: {exc.strerror}") from exc
+    stack.callback(_unmap, mapped)
+    return mapped  # type: ignore[return-value]  # read like bytes (slices, struct.unpack_from)
+
+
+def _unmap(mapped: mmap.mmap) -> None:
+    try:
+        mapped.close()
+    except BufferError:  # a view of it is still alive somewhere: the mapping goes with it
+        pass
 
 
 def _open_console(config: VmConfig, sink: BinaryIO | None, stack: contextlib.ExitStack) -> ConsoleLog:
