@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import PyrovmError
@@ -51,13 +55,22 @@ def create_disk(
     force: bool = False,
     label: str = DEFAULT_LABEL,
 ) -> Path:
-    """Make a sparse raw ext4 image of *size* bytes (or "64M") at *path*, filled from *from_dir* if given."""
+    """Make a sparse raw ext4 image of *size* bytes (or "64M") at *path*, filled from *from_dir* if given.
+
+    The image is made in a temporary file beside *path* and renamed over it only when ``mkfs.ext4``
+    succeeded: a failure leaves nothing behind and an existing file unchanged.  With *force*, an existing
+    image is replaced, but not while a VM uses it: it is locked as a VM locks its disks (``flock``), and
+    the lock is held until the new image is in place.
+    """
     target = Path(path)
     nbytes = parse_size(size) if isinstance(size, str) else size
     if nbytes < MIN_SIZE or nbytes % 512:
         raise DiskError(f"size {nbytes} must be at least 1M and a multiple of 512 bytes")
-    if len(label.encode()) > 16:
-        raise DiskError(f"label {label!r} is longer than 16 bytes")
+    try:
+        if len(label.encode()) > 16:
+            raise DiskError(f"label {label!r} is longer than 16 bytes")
+    except UnicodeEncodeError as exc:
+        raise DiskError(f"label {label!r} is not valid UTF-8") from exc
     if from_dir is not None and not Path(from_dir).is_dir():
         raise DiskError(f"{from_dir}: no such directory")
     if target.exists() and not force:
@@ -67,25 +80,65 @@ def create_disk(
     if not target.parent.is_dir():
         raise DiskError(f"{target.parent}: no such directory")
     mkfs = find_mkfs()
-    try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    with _locked_if_exists(target):
+        tmp = _make_sparse(target, nbytes)
         try:
-            os.ftruncate(fd, nbytes)  # sparse: no blocks allocated until mkfs writes metadata
-        finally:
-            os.close(fd)
-    except OSError as e:
-        raise DiskError(f"{target}: {e.strerror}") from None
+            _mkfs(mkfs, tmp, label, from_dir, target)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    return target
+
+
+@contextlib.contextmanager
+def _locked_if_exists(target: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on an existing *target* (DiskError when a VM has it)."""
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield
+        return
+    except OSError as exc:
+        raise DiskError(f"{target}: {exc.strerror}") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise DiskError(f"{target}: in use (locked by a running VM?): not overwritten") from exc
+        yield
+    finally:
+        os.close(fd)
+
+
+def _make_sparse(target: Path, nbytes: int) -> Path:
+    """A new sparse file of *nbytes* beside *target* (removed again if it cannot get that size)."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise DiskError(f"{target.parent}: {exc.strerror}") from exc
+    tmp = Path(name)
+    try:
+        os.fchmod(fd, 0o644)
+        os.ftruncate(fd, nbytes)  # sparse: no blocks allocated until mkfs writes metadata
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise DiskError(f"{target}: cannot make a file of {nbytes} bytes: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+    return tmp
+
+
+def _mkfs(mkfs: str, image: Path, label: str, from_dir: str | os.PathLike[str] | None, target: Path) -> None:
     cmd = [mkfs, "-F", "-q", "-L", label]
     if from_dir is not None:
         cmd += ["-d", str(from_dir)]
-    cmd.append(str(target))
+    cmd.append(str(image))
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        target.unlink(missing_ok=True)
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         detail = lines[-1] if lines else f"exit status {proc.returncode}"
         raise DiskError(f"{target}: mkfs.ext4 failed: {detail}")
-    return target
 
 
 def _create_handler(args: argparse.Namespace) -> int:
