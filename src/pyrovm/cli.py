@@ -20,16 +20,22 @@ EPILOG_RUN = """\
 exit status:
   0      the guest stopped cleanly (reset through the i8042 as with Linux reboot=k, power-off, halt)
   odd    the guest wrote V to the exit port 0xf4: status (V << 1) | 1, as QEMU's isa-debug-exit
-  2      bad input (missing kernel, bad size, no /dev/kvm, ...)
-  4      the guest crashed (triple fault, KVM internal error) or pyrovm failed
+  2      bad input (missing kernel, bad size, an output path that names an input, no /dev/kvm, ...)
+  4      the guest crashed (triple fault, KVM internal error, failed entry)
   6      the guest kernel panicked
+  8      pyrovm itself failed (a bug or an I/O error of the VMM; -v shows the traceback)
   124    --timeout ran out
-  130    interrupted (Ctrl-C)
+  130    stopped by SIGINT (Ctrl-C when the console is not the terminal)
+  128+N  stopped by signal N (143 SIGTERM, 129 SIGHUP); SIGUSR1 only writes --metrics
 
 examples:
   pyrovm run --kernel "$(pyrovm guest build | tail -1)" --cmdline test=hello
   pyrovm run --kernel bzImage --initrd initramfs.cpio --cpus 2 --memory 512M
 """
+
+
+#: ``ExitCode.INTERNAL_ERROR`` (not imported: ``pyrovm --help`` stays fast).
+INTERNAL_ERROR = 8
 
 
 def _fail(message: str) -> int:
@@ -64,161 +70,28 @@ def _run_config(args: argparse.Namespace) -> VmConfig:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .errors import PyrovmError
     from .kvm import KvmError
-    from .vmm import VM, ExitCode, ExitReason
+    from .runner import SignalWorker, run_vm
+    from .vmm import VM
 
-    holder: list[object] = []
-    if args.metrics:  # installed first: a SIGUSR1 during start-up must not kill the VMM
-        _install_metrics_signal(holder, args.metrics)
+    signals = SignalWorker(args.metrics)
+    signals.install()  # first: a signal during start-up must not kill the VMM
     try:
-        config = _run_config(args)
-        vm = VM.from_config(config)
+        vm = VM.from_config(_run_config(args))
     except KvmError as exc:
         return _fail(f"KVM refused to build the VM: {exc}")
     except PyrovmError as exc:
         return _fail(str(exc))
-    if args.metrics:
-        holder.append(vm)
-    timing = _BootTiming(vm, args) if args.boot_timer or args.boot_marker else None
-    terminal = None
-    stopped_by_signal = False
-    old_handlers = _install_stop_signals()
-    try:
-        if args.console == "stdio":
-            from .terminal import Terminal
-
-            terminal = Terminal(vm.send_input, lambda: vm.stop(ExitReason.STOPPED, "quit (Ctrl-A x)"))
-            terminal.start()
-        vm.start()
-        result = vm.wait(config.timeout)
-    except KeyboardInterrupt:
-        result = vm.stop(ExitReason.STOPPED, "interrupted")
-        result.exit_code = ExitCode.INTERRUPTED
-        stopped_by_signal = True
-    except _Terminated as exc:
-        result = vm.stop(ExitReason.STOPPED, f"terminated by signal {exc.signum}")
-        result.exit_code = 128 + exc.signum
-        stopped_by_signal = True
-    finally:
-        if terminal is not None:
-            terminal.stop()
-        _restore_signals(old_handlers)
-        if args.metrics:
-            _write_metrics(vm, args.metrics)
-        vm.close()
-    if timing is not None:
-        timing.report_end()
-    if stopped_by_signal:
-        return result.exit_code
-    if args.console == "stdio" and not vm.console.data.endswith(b"\n") and vm.console.data:
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-    if result.reason not in (ExitReason.EXIT_PORT, ExitReason.RESET, ExitReason.POWEROFF, ExitReason.STOPPED):
-        print(f"pyrovm: {result.describe()}", file=sys.stderr)
-    elif args.verbose:
-        print(f"pyrovm: {result.describe()}", file=sys.stderr)
-    return result.exit_code
+    signals.attach(vm)
+    return run_vm(vm, args, signals, _START)
 
 
 DEFAULT_BOOT_MARKER = "Run /init as init process"
-
-
-class _Terminated(Exception):
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _install_stop_signals() -> dict[int, object]:
-    """SIGTERM and SIGHUP end the VM like Ctrl-C does (so the terminal is restored and files closed)."""
-    import signal
-
-    def handler(signum: int, frame: object) -> None:
-        raise _Terminated(signum)
-
-    old: dict[int, object] = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        try:
-            old[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread
-            pass
-    return old
-
-
-def _restore_signals(old: dict[int, object]) -> None:
-    import signal
-
-    for sig, handler in old.items():
-        signal.signal(sig, handler)  # type: ignore[arg-type]
 
 
 def _boot_marker(args: argparse.Namespace) -> str | None:
     if args.boot_marker:
         return str(args.boot_marker)
     return DEFAULT_BOOT_MARKER if args.boot_timer else None
-
-
-class _BootTiming:
-    """``--boot-timer`` / ``--boot-marker``: times from process start, reported on stderr as they happen."""
-
-    def __init__(self, vm: object, args: argparse.Namespace) -> None:
-        self.vm = vm
-        self.timer = bool(args.boot_timer)
-        vm.on_boot_marker.append(self._marker)  # type: ignore[attr-defined]
-        if self.timer:
-            vm.on_boot_timer.append(self._timer)  # type: ignore[attr-defined]
-
-    @staticmethod
-    def _since_start(when: float) -> float:
-        return when - _START
-
-    def _marker(self, when: float, line: str) -> None:
-        print(
-            f"pyrovm: boot marker after {self._since_start(when):.3f} s: {line.strip()}",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def _timer(self, when: float) -> None:
-        print(
-            f"pyrovm: boot timer after {self._since_start(when):.3f} s (guest wrote 123 to the boot-timer "
-            "device)",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def report_end(self) -> None:
-        vm = self.vm
-        if vm.boot_marker_at is None:  # type: ignore[attr-defined]
-            print("pyrovm: boot marker: no console line matched", file=sys.stderr)
-        if self.timer and vm.boot_timer_at is None:  # type: ignore[attr-defined]
-            print("pyrovm: boot timer: the guest never wrote 123 to the boot-timer device", file=sys.stderr)
-        if vm.ended_at is not None:  # type: ignore[attr-defined]
-            print(f"pyrovm: VM ended after {vm.ended_at - _START:.3f} s", file=sys.stderr)  # type: ignore[attr-defined]
-
-
-def _write_metrics(vm: object, path: str) -> None:
-    import json
-
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(vm.metrics(), f, indent=2)  # type: ignore[attr-defined]
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _install_metrics_signal(holder: list[object], path: str) -> None:
-    """On SIGUSR1, write the metrics of the VM in *holder* (once it is there) to *path*."""
-    import signal
-
-    def on_usr1(signum: int, frame: object) -> None:
-        if not holder:
-            return
-        try:
-            _write_metrics(holder[0], path)
-        except OSError as exc:
-            print(f"pyrovm: cannot write metrics to {path}: {exc.strerror}", file=sys.stderr)
-
-    signal.signal(signal.SIGUSR1, on_usr1)
 
 
 def _cmd_guest_build(args: argparse.Namespace) -> int:
@@ -407,15 +280,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the kernel/initramfs/disk modules cost ~25 ms of imports that `pyrovm run` does not need
     parser = build_parser(with_tools=command not in ("run", "guest", "doctor"))
     args = parser.parse_args(args_list)
-    _setup_logging(getattr(args, "verbose", False))
+    verbose = bool(getattr(args, "verbose", False))
+    _setup_logging(verbose)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        # stdout closed early (e.g. piped into head)
+        # stdout closed early (e.g. piped into head): as if killed by SIGPIPE
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        return 141
+    except Exception as exc:  # a bug in pyrovm: one line (the traceback with -v), its own status
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        where = exc.__traceback__
+        while where is not None and where.tb_next is not None:
+            where = where.tb_next
+        place = (
+            f" at {os.path.basename(where.tb_frame.f_code.co_filename)}:{where.tb_lineno}" if where else ""
+        )
+        print(
+            f"pyrovm: internal error{place}: {type(exc).__name__}: {exc} (-v shows the traceback)",
+            file=sys.stderr,
+        )
+        return INTERNAL_ERROR
 
 
 if __name__ == "__main__":

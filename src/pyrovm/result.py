@@ -30,10 +30,11 @@ class ExitCode(enum.IntEnum):
 
     OK = 0
     BAD_INPUT = 2
-    CRASH = 4
+    CRASH = 4  # the guest crashed
     PANIC = 6
+    INTERNAL_ERROR = 8  # pyrovm itself failed (a bug, an I/O error of the VMM)
     TIMEOUT = 124
-    INTERRUPTED = 130
+    INTERRUPTED = 130  # SIGINT; other stop signals give 128 + their number
 
 
 CODES = {
@@ -46,7 +47,7 @@ CODES = {
     ExitReason.TRIPLE_FAULT: ExitCode.CRASH,
     ExitReason.INTERNAL_ERROR: ExitCode.CRASH,
     ExitReason.FAIL_ENTRY: ExitCode.CRASH,
-    ExitReason.VMM_ERROR: ExitCode.CRASH,
+    ExitReason.VMM_ERROR: ExitCode.INTERNAL_ERROR,
 }
 
 #: Reasons that still win when the guest panicked before (the host's own decisions and pyrovm bugs).

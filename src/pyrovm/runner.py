@@ -1,0 +1,176 @@
+"""``pyrovm run`` from a parsed command line to an exit status: the VM's life under signals, the
+terminal, boot timing and metrics files.
+
+Signal handlers only record the signal and wake a worker thread, which does the work: ``SIGUSR1`` writes
+the metrics file (atomically, one write at a time), ``SIGTERM``/``SIGHUP``/``SIGINT`` stop the VM (the
+first one; more are harmless).  The handlers stay installed to the end of the process, so a signal at any
+moment (start-up, shutdown, a burst) never kills pyrovm half-way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import TYPE_CHECKING
+
+from .result import ExitCode, ExitReason, VmExit
+
+if TYPE_CHECKING:
+    from .vmm import VM
+
+log = logging.getLogger("pyrovm.run")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+def write_metrics(vm: VM, path: str) -> bool:
+    """Write *vm*'s metrics to *path* atomically (a private temporary file renamed over it); False, with
+    one error line logged and nothing left behind, when it cannot be written."""
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(vm.metrics(), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+        return True
+    except OSError as exc:
+        log.error("cannot write metrics to %s: %s", path, exc.strerror or exc)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        return False
+
+
+class SignalWorker:
+    """Records signals in their handlers and acts on them in a thread of its own."""
+
+    def __init__(self, metrics_path: str | None) -> None:
+        self.metrics_path = metrics_path
+        self.stop_signal: int | None = None  # the first stop signal
+        self.stopped_vm = False  # the VM ended because of it
+        self._pending: collections.deque[int] = collections.deque()
+        self._wake = threading.Event()
+        self._vm: VM | None = None
+        self._metrics_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._work, name="pyrovm-signals", daemon=True)
+
+    def install(self) -> None:
+        for sig in (signal.SIGUSR1, *STOP_SIGNALS):
+            signal.signal(sig, self._handler)
+        self._thread.start()
+
+    def _handler(self, signum: int, frame: object) -> None:
+        self._pending.append(signum)  # deque.append is atomic; nothing else happens here
+        self._wake.set()
+
+    def attach(self, vm: VM) -> None:
+        """The VM exists: signals from now on (and a stop signal that came before) act on it."""
+        self._vm = vm
+        self._wake.set()
+
+    def write_metrics(self) -> None:
+        vm = self._vm
+        if vm is not None and self.metrics_path:
+            with self._metrics_lock:
+                write_metrics(vm, self.metrics_path)
+
+    def _work(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                self._act(self._pending.popleft())
+            if self.stop_signal is not None and self._vm is not None and not self.stopped_vm:
+                self._stop_vm(self._vm, self.stop_signal)
+
+    def _act(self, signum: int) -> None:
+        if signum == signal.SIGUSR1:
+            try:
+                self.write_metrics()
+            except Exception:  # never let a metrics snapshot end the worker
+                log.exception("metrics snapshot failed")
+        elif self.stop_signal is None:
+            self.stop_signal = signum
+
+    def _stop_vm(self, vm: VM, signum: int) -> None:
+        message = f"terminated by signal {signal.Signals(signum).name}"
+        self.stopped_vm = True
+        if vm.state == "created":
+            return  # not started: the command sees stop_signal and does not start it
+        result = vm.stop(ExitReason.STOPPED, message)
+        self.stopped_vm = result.message == message
+
+
+class BootTiming:
+    """``--boot-timer`` / ``--boot-marker``: times from process start, reported on stderr as they happen."""
+
+    def __init__(self, vm: VM, timer: bool, start: float) -> None:
+        self.vm = vm
+        self.timer = timer
+        self.start = start
+        vm.on_boot_marker.append(self._marker)
+        if timer:
+            vm.on_boot_timer.append(self._timer)
+
+    def _marker(self, when: float, line: str) -> None:
+        since = when - self.start
+        print(f"pyrovm: boot marker after {since:.3f} s: {line.strip()}", file=sys.stderr, flush=True)
+
+    def _timer(self, when: float) -> None:
+        print(
+            f"pyrovm: boot timer after {when - self.start:.3f} s (guest wrote 123 to the boot-timer device)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def report_end(self) -> None:
+        vm = self.vm
+        if vm.boot_marker_at is None:
+            print("pyrovm: boot marker: no console line matched", file=sys.stderr)
+        if self.timer and vm.boot_timer_at is None:
+            print("pyrovm: boot timer: the guest never wrote 123 to the boot-timer device", file=sys.stderr)
+        if vm.ended_at is not None:
+            print(f"pyrovm: VM ended after {vm.ended_at - self.start:.3f} s", file=sys.stderr)
+
+
+def run_vm(vm: VM, args: argparse.Namespace, signals: SignalWorker, started: float) -> int:
+    """Run the built *vm* to its end; returns the exit status of ``pyrovm run``."""
+    timing = BootTiming(vm, bool(args.boot_timer), started) if args.boot_timer or args.boot_marker else None
+    terminal = None
+    try:
+        if signals.stop_signal is not None:  # a stop signal came while the VM was being built
+            return 128 + signals.stop_signal
+        if args.console == "stdio":
+            from .terminal import Terminal
+
+            terminal = Terminal(vm.send_input, lambda: vm.stop(ExitReason.STOPPED, "quit (Ctrl-A x)"))
+            terminal.start()
+        vm.start()
+        result = vm.wait(vm.config.timeout)
+    finally:
+        if terminal is not None:
+            terminal.stop()
+        signals.write_metrics()
+        vm.close()
+    if timing is not None:
+        timing.report_end()
+    if signals.stopped_vm and signals.stop_signal is not None:
+        return ExitCode.INTERRUPTED if signals.stop_signal == signal.SIGINT else 128 + signals.stop_signal
+    return _report(vm, result, args)
+
+
+def _report(vm: VM, result: VmExit, args: argparse.Namespace) -> int:
+    if args.console == "stdio" and vm.console.data and not vm.console.data.endswith(b"\n"):
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    quiet = (ExitReason.EXIT_PORT, ExitReason.RESET, ExitReason.POWEROFF, ExitReason.STOPPED)
+    if result.reason not in quiet or args.verbose:
+        print(f"pyrovm: {result.describe()}", file=sys.stderr)
+    return result.exit_code
