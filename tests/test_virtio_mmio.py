@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pyrovm.device_manager import queue_eventfds
 from pyrovm.devices.virtio import mmio as R
 from pyrovm.devices.virtio.block import VirtioBlock
 from pyrovm.devices.virtio.device import (
@@ -374,7 +375,7 @@ def test_notify_eventfds_with_event_loop() -> None:
     loop.start()
     try:
         rig = Rig(VirtioRng())
-        fds = rig.t.notify_eventfds(loop)
+        fds = queue_eventfds(rig.t, loop)
         assert [i for i, _ in fds] == [0]
         placed = rig.mq.add_chain([], [16])
         fds[0][1].write()  # what KVM does on a guest write to QueueNotify with ioeventfd

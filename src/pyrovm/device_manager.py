@@ -129,8 +129,10 @@ class DeviceManager:
         label = name or device.name
         try:
             self._wiring.irqfd(irq_fd.fd, irq)
-            transport = VirtioMmioTransport(device, self._memory, irq_fd.write)
-            notify = transport.notify_eventfds(self.loop)
+            transport = VirtioMmioTransport(
+                device, self._memory, irq_fd.write, self.loop.call_soon_threadsafe
+            )
+            notify = queue_eventfds(transport, self.loop)
             for index, efd in notify:
                 self._wiring.ioeventfd(efd.fd, base + QUEUE_NOTIFY, 4, datamatch=index)
             self.mmio_bus.register(base, MMIO_SLOT_SIZE, transport, label)
@@ -227,3 +229,25 @@ class DeviceManager:
             efd.close()
         irq_fd.close()
 
+
+def queue_eventfds(transport: VirtioMmioTransport, loop: EventLoop) -> list[tuple[int, EventFd]]:
+    """One eventfd per queue of *transport*, watched by *loop*, which calls the transport's
+    :meth:`~VirtioMmioTransport.queue_notify` when one fires.  The caller registers each with
+    ``KVM_IOEVENTFD`` at ``base + QUEUE_NOTIFY``, 4 bytes, datamatch = the queue index."""
+    out: list[tuple[int, EventFd]] = []
+    try:
+        for index in range(transport.device.num_queues):
+            efd = EventFd()
+            out.append((index, efd))
+
+            def fire(efd: EventFd = efd, index: int = index) -> None:
+                if efd.read():
+                    transport.queue_notify(index)
+
+            loop.add_reader(efd.fd, fire)
+    except BaseException:
+        for _, efd in out:
+            loop.remove_reader(efd.fd)
+            efd.close()
+        raise
+    return out

@@ -8,7 +8,7 @@ Wiring, in the VMM::
 
     t = VirtioMmioTransport(device, memory, interrupt=irq_eventfd.write)   # irqfd (KVM_IRQFD) on GSI irq
     mmio_bus.register(base, MMIO_SLOT_SIZE, t)
-    for index, efd in t.notify_eventfds(loop):   # one eventfd per queue, read by the I/O thread
+    for index, efd in queue_eventfds(t, loop):   # pyrovm.device_manager: one eventfd per queue
         kvm_ioeventfd(efd.fd, addr=base + QUEUE_NOTIFY, len=4, datamatch=index)
     cmdline += " " + cmdline_fragment(base, irq)
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -36,7 +37,7 @@ from pyrovm.devices.virtio.queue import QueueState, SplitQueue, VirtqueueError
 from pyrovm.memory import GuestMemory
 
 if TYPE_CHECKING:
-    from pyrovm.eventloop import EventFd, EventLoop
+    pass
 
 log = logging.getLogger("pyrovm.devices.virtio")
 
@@ -168,10 +169,20 @@ def features_refusal(status: int, driver_features: int, offered: int) -> tuple[s
 class VirtioMmioTransport:
     """One virtio-mmio slot (BusDevice protocol: ``read(offset, size)``, ``write(offset, data)``)."""
 
-    def __init__(self, device: VirtioDevice, memory: GuestMemory, interrupt: IrqTrigger) -> None:
+    def __init__(
+        self,
+        device: VirtioDevice,
+        memory: GuestMemory,
+        interrupt: IrqTrigger,
+        defer: Callable[[Callable[[], None]], object] | None = None,
+    ) -> None:
+        """*defer(fn)* runs *fn* later on the I/O thread (the event loop's ``call_soon_threadsafe``): the
+        rest of a queue that stopped at its work budget is served there, after other devices' events.
+        Without it the rest is served at once."""
         self.device = device
         self.memory = memory
         self.interrupt = interrupt
+        self._defer = defer
         self.state = MmioTransportState(
             queues=[QueueState(max_size=m, size=m) for m in device.queue_max_sizes]
         )
@@ -410,35 +421,22 @@ class VirtioMmioTransport:
             if not 0 <= index < len(dev.queues) or dev.queues[index] is None:
                 self._log_once("notify", "notification for queue %d, which is not live", index)
                 return
-            try:
-                dev.process(index)
-            except Exception as e:
-                self._fail(e)
-            try:
+            while True:
+                try:
+                    dev.process(index)
+                except Exception as e:
+                    self._fail(e)
                 q = dev.queues[index] if index < len(dev.queues) else None
-                if q is not None and q.needs_notification():
-                    self._raise_interrupt(INT_USED_BUFFER)
-            except Exception as e:
-                self._fail(e)
-
-    def notify_eventfds(self, loop: EventLoop) -> list[tuple[int, EventFd]]:
-        """Make one eventfd per queue and have *loop* call :meth:`queue_notify` when it fires.
-
-        The VMM registers each with KVM_IOEVENTFD at ``base + QUEUE_NOTIFY``, 4 bytes, datamatch = index.
-        """
-        from pyrovm.eventloop import EventFd
-
-        out: list[tuple[int, EventFd]] = []
-        for index in range(self.device.num_queues):
-            efd = EventFd()
-
-            def fire(efd: EventFd = efd, index: int = index) -> None:
-                if efd.read():
-                    self.queue_notify(index)
-
-            loop.add_reader(efd.fd, fire)
-            out.append((index, efd))
-        return out
+                try:
+                    if q is not None and q.needs_notification():
+                        self._raise_interrupt(INT_USED_BUFFER)
+                except Exception as e:
+                    self._fail(e)
+                if q is None or not q.deferred or self.needs_reset:
+                    return
+                if self._defer is not None:  # the rest later, after the other devices' events
+                    self._defer(lambda: self.process_queue(index))
+                    return
 
     # -- snapshots ---------------------------------------------------------------------------------------
     def save_state(self) -> MmioTransportState:

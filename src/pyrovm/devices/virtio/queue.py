@@ -43,8 +43,15 @@ VIRTQ_USED_F_NO_NOTIFY = 1
 DESC_SIZE = 16
 #: Largest queue size a split virtqueue can have (§2.7: "Queue Size ... maximum 32768").
 MAX_QUEUE_SIZE = 32768
-#: Largest indirect table: ``next`` is a u16, so more entries could never be reached.
-MAX_INDIRECT_ENTRIES = 65536
+#: Most buffers one chain may have, direct and indirect descriptors together (QEMU's VIRTQUEUE_MAX_SIZE;
+#: Linux never builds longer chains): a longer chain breaks the queue, so that one notification cannot make
+#: the device walk millions of descriptors.
+MAX_CHAIN_DESCRIPTORS = 1024
+#: Largest indirect table (its entries count towards MAX_CHAIN_DESCRIPTORS too).
+MAX_INDIRECT_ENTRIES = MAX_CHAIN_DESCRIPTORS
+#: Work one :meth:`SplitQueue.drain` does before it yields to other devices: descriptors walked (each
+#: chain counts one more).  The rest waits for the next slice (:attr:`SplitQueue.deferred`).
+DRAIN_BUDGET = 4096
 
 # The rings are read and written through native-order typed views (single aligned loads and stores).
 if sys.byteorder != "little":  # pragma: no cover - KVM on x86-64 only
@@ -109,6 +116,10 @@ class DescriptorOutOfRangeError(ChainError):
 
 class DescriptorIndexError(ChainError):
     """A ``next`` field points past the end of the descriptor table."""
+
+
+class ChainTooLongError(QueueBrokenError):
+    """A chain with more than MAX_CHAIN_DESCRIPTORS buffers, or an indirect table longer than that."""
 
 
 class ChainLoopError(ChainError):
@@ -325,6 +336,9 @@ class SplitQueue:
         self._view = memory.view
         self._contains = memory.contains
         self._added = 0  # used entries added since the last needs_notification()
+        self._long_ring = size > MAX_CHAIN_DESCRIPTORS  # a direct chain alone could be too long
+        #: True when the last :meth:`drain` stopped at its budget with chains left (serve them later).
+        self.deferred = False
 
     # -- driver -> device ---------------------------------------------------------------------------
     def avail_idx(self) -> int:
@@ -382,20 +396,30 @@ class SplitQueue:
         index is read again (a chain published in between is not left behind).  A malformed chain is
         yielded as its :class:`ChainError` (already consumed: complete ``error.head``).  Fatal errors
         (:class:`QueueBrokenError`) propagate.  A consumer that defers a chain calls :meth:`undo_pop` and
-        stops iterating; notifications then stay off until it comes back.
+        stops iterating; notifications then stay off until it comes back.  After :data:`DRAIN_BUDGET`
+        descriptors it stops with chains left and sets :attr:`deferred`: whoever called the device serves
+        the rest later, so that one notification cannot hold the I/O thread for long.
         """
         pop = self.pop
+        budget = DRAIN_BUDGET
+        self.deferred = False
         while True:
             self.disable_notification()
             while True:
                 try:
                     chain = pop()
                 except ChainError as e:
+                    budget -= 1
                     yield e
                     continue
                 if chain is None:
                     break
                 yield chain
+                budget -= len(chain.readable) + len(chain.writable) + 1
+                if budget <= 0 and self.pending():
+                    self.deferred = True  # notifications stay off: the transport comes back for the rest
+                    yield None
+                    return
             yield None
             if not self.enable_notification():
                 return
@@ -427,8 +451,13 @@ class SplitQueue:
                     raise IndirectError(head, "indirect descriptor but VIRTIO_F_INDIRECT_DESC not negotiated")
                 if flags & VIRTQ_DESC_F_NEXT:
                     raise IndirectError(head, "indirect descriptor with the NEXT flag")
-                if length == 0 or length % DESC_SIZE or length > MAX_INDIRECT_ENTRIES * DESC_SIZE:
+                if length == 0 or length % DESC_SIZE:
                     raise IndirectLengthError(head, f"indirect table length {length} is invalid")
+                if length > MAX_INDIRECT_ENTRIES * DESC_SIZE:
+                    raise ChainTooLongError(
+                        f"chain {head}: an indirect table of {length // DESC_SIZE} descriptors "
+                        f"(at most {MAX_INDIRECT_ENTRIES})"
+                    )
                 try:
                     table = view(addr, length)
                 except GuestMemoryError as e:
@@ -450,6 +479,8 @@ class SplitQueue:
             else:
                 readable.append((addr, length))
             if not flags & VIRTQ_DESC_F_NEXT:
+                if (in_indirect or self._long_ring) and len(readable) + len(writable) > MAX_CHAIN_DESCRIPTORS:
+                    raise ChainTooLongError(f"chain {head}: more than {MAX_CHAIN_DESCRIPTORS} descriptors")
                 return lo, hi
             if nxt >= table_size:
                 raise DescriptorIndexError(head, f"next index {nxt} outside a table of {table_size}")
