@@ -231,6 +231,7 @@ class VmConfig:
         ):
             raise ConfigError(f"timeout {self.timeout}: must be a number of seconds, 0 or more")
         if self.boot_marker is not None:
+            _utf8(self.boot_marker, "boot marker")
             try:
                 re.compile(self.boot_marker.encode())
             except (re.error, UnicodeEncodeError) as exc:
@@ -360,6 +361,13 @@ def _typed(value: Any, kind: Any, name: str) -> Any:
     if not isinstance(value, kind):
         raise ConfigError(f"{name}: {value!r} has the wrong type")
     return value
+
+
+def _utf8(text: str, what: str) -> None:
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"{what} {text!r}: not valid UTF-8") from exc
 
 
 def _stat(path: Path, what: str) -> os.stat_result:

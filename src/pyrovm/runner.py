@@ -10,7 +10,6 @@ moment (start-up, shutdown, a burst) never kills pyrovm half-way.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import logging
 import os
@@ -49,31 +48,34 @@ def write_metrics(vm: VM, path: str) -> bool:
 
 
 class SignalWorker:
-    """Records signals in their handlers and acts on them in a thread of its own."""
+    """Receives signals through a pipe (:func:`signal.set_wakeup_fd`: the C-level handler writes the
+    signal's number there) and acts on them in a thread of its own.  The Python-level handlers do nothing:
+    nothing runs in a handler that a second signal could interrupt half-way (a lock, a write)."""
 
     def __init__(self, metrics_path: str | None) -> None:
         self.metrics_path = metrics_path
         self.stop_signal: int | None = None  # the first stop signal
         self.stopped_vm = False  # the VM ended because of it
-        self._pending: collections.deque[int] = collections.deque()
-        self._wake = threading.Event()
         self._vm: VM | None = None
         self._metrics_lock = threading.Lock()
+        self._rfd, self._wfd = os.pipe()
+        os.set_blocking(self._wfd, False)
         self._thread = threading.Thread(target=self._work, name="pyrovm-signals", daemon=True)
 
     def install(self) -> None:
+        """From the main thread: route the signals here (until the process ends)."""
+        signal.set_wakeup_fd(self._wfd, warn_on_full_buffer=False)
         for sig in (signal.SIGUSR1, *STOP_SIGNALS):
-            signal.signal(sig, self._handler)
+            signal.signal(sig, _ignore)
         self._thread.start()
-
-    def _handler(self, signum: int, frame: object) -> None:
-        self._pending.append(signum)  # deque.append is atomic; nothing else happens here
-        self._wake.set()
 
     def attach(self, vm: VM) -> None:
         """The VM exists: signals from now on (and a stop signal that came before) act on it."""
         self._vm = vm
-        self._wake.set()
+        try:
+            os.write(self._wfd, b"\0")  # wake the worker (0 is no signal)
+        except BlockingIOError:
+            pass
 
     def write_metrics(self) -> None:
         vm = self._vm
@@ -83,21 +85,25 @@ class SignalWorker:
 
     def _work(self) -> None:
         while True:
-            self._wake.wait()
-            self._wake.clear()
-            while self._pending:
-                self._act(self._pending.popleft())
-            if self.stop_signal is not None and self._vm is not None and not self.stopped_vm:
-                self._stop_vm(self._vm, self.stop_signal)
+            try:
+                received = os.read(self._rfd, 4096)
+            except InterruptedError:
+                continue
+            try:
+                for signum in received:
+                    if signum:
+                        self._act(signum)
+                if self.stop_signal is not None and self._vm is not None and not self.stopped_vm:
+                    self._stop_vm(self._vm, self.stop_signal)
+            except Exception:  # the worker must outlive any failure, or later signals would be lost
+                log.exception("handling a signal failed")
 
     def _act(self, signum: int) -> None:
         if signum == signal.SIGUSR1:
-            try:
-                self.write_metrics()
-            except Exception:  # never let a metrics snapshot end the worker
-                log.exception("metrics snapshot failed")
-        elif self.stop_signal is None:
+            self.write_metrics()
+        elif signum in STOP_SIGNALS and self.stop_signal is None:
             self.stop_signal = signum
+        # any other number: a signal that has a Python handler of someone else (pyrovm's vCPU kick)
 
     def _stop_vm(self, vm: VM, signum: int) -> None:
         message = f"terminated by signal {signal.Signals(signum).name}"
@@ -106,6 +112,10 @@ class SignalWorker:
             return  # not started: the command sees stop_signal and does not start it
         result = vm.stop(ExitReason.STOPPED, message)
         self.stopped_vm = result.message == message
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """The Python-level handler: the work is done by :class:`SignalWorker`'s thread."""
 
 
 class BootTiming:

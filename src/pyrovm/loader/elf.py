@@ -90,9 +90,7 @@ def load_elf(mem: GuestMemory, data: bytes, name: str = "kernel") -> ElfKernel:
     """Copy the ``PT_LOAD`` segments of ELF *data* into guest memory."""
     if len(data) < _EHDR.size or not is_elf(data):
         raise KernelLoadError(f"{name}: not an ELF file")
-    ident, etype, machine, _ver, entry, phoff, _sh, _fl, _ehsz, phentsize, phnum, *_ = _EHDR.unpack_from(
-        data
-    )
+    ident, etype, machine, _ver, entry, phoff, _sh, _fl, _ehsz, phentsize, phnum, *_ = _EHDR.unpack_from(data)
     if ident[4] != ELFCLASS64 or ident[5] != ELFDATA2LSB:
         raise KernelLoadError(f"{name}: not a little-endian 64-bit ELF")
     if machine != EM_X86_64:
