@@ -359,3 +359,62 @@ def test_a_device_bug_on_a_vcpu_thread_gives_status_8(files: dict[str, Path]) ->
 
 def test_src_is_this_checkout() -> None:
     assert (SRC / "pyrovm" / "runner.py").exists()
+
+
+# -- more of each class ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run"],
+        ["run", "--kernel"],
+        ["run", "--kernel", "k", "--rng-rate", "1e10"],
+        ["run", "--kernel", "k", "--cpus", "two"],
+        ["run", "--kernel", "k", "--timeout", "soon"],
+        ["run", "--kernel", "k", "--boot", "bios"],
+        ["run", "--kernel", "k", "--no-such-option"],
+        ["frobnicate"],
+        ["disk", "create"],
+    ],
+)
+def test_usage_errors_are_one_line(args: list[str]) -> None:
+    _one_line_error(run(*args), 2, "error:")
+
+
+def test_metrics_to_a_character_device_is_written_in_place(files: dict[str, Path]) -> None:
+    p = run("run", "--kernel", str(files["kernel"]), "--cmdline", "test=hello", "--metrics", "/dev/null")
+    assert p.returncode == 1, p.stderr
+    assert Path("/dev/null").is_char_device()
+
+
+def test_fifo_outputs_are_refused_not_waited_on(files: dict[str, Path]) -> None:
+    fifo = files["dir"] / "fifo"
+    os.mkfifo(fifo)
+    for args in (["--metrics", str(fifo)], ["--console", f"file:{fifo}"]):
+        p = run("run", "--kernel", str(files["kernel"]), "--cmdline", "test=hello", *args, timeout=20)
+        _one_line_error(p, 2, "not a regular file")
+
+
+def test_an_elf_loading_below_1m_is_not_a_kernel(tmp_path: Path) -> None:
+    import rawelf
+
+    low = rawelf.make_elf(rawelf.out8(0xF4, 0), tmp_path / "low.elf", load_addr=0x8000)
+    _one_line_error(run("run", "--kernel", str(low)), 2, "below 1 MiB")
+
+
+def test_stop_signal_during_start_up_ends_at_once(files: dict[str, Path]) -> None:
+    for _ in range(3):
+        proc = subprocess.Popen(
+            pyrovm_argv(
+                "run", "--kernel", str(files["kernel"]), "--cmdline", "test=spin", "--console", "none",
+                "--timeout", "60",
+            ),
+            env=cli_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        while not _caught(proc.pid, signal.SIGTERM):
+            assert proc.poll() is None
+            time.sleep(0.001)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 143, err
+        assert time.monotonic() - t0 < 10 and b"Traceback" not in err

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__
 
@@ -36,6 +36,13 @@ examples:
 
 #: ``ExitCode.INTERNAL_ERROR`` (not imported: ``pyrovm --help`` stays fast).
 INTERNAL_ERROR = 8
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (status 2); subcommand parsers are made of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def _fail(message: str) -> int:
@@ -221,7 +228,7 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def build_parser(with_tools: bool = True) -> argparse.ArgumentParser:
     """The argument parser; *with_tools* False leaves out the kernel/initramfs/disk commands."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pyrovm",
         description="pyrovm: a virtual machine monitor in Python on Linux KVM.",
         formatter_class=argparse.RawDescriptionHelpFormatter,

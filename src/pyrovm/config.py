@@ -390,8 +390,16 @@ def _readable_file(path: Path, what: str, memory: int) -> None:
 
 
 def _writable_path(path: Path, what: str) -> None:
+    """An output file: a regular file (made or replaced) or a character device (written in place, such as
+    ``/dev/null``); never a directory, FIFO or socket (opening a FIFO would wait for a reader)."""
     if path.is_dir():
         raise ConfigError(f"{what}: is a directory")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):
+        raise ConfigError(f"{what}: not a regular file or character device")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise ConfigError(f"{what}: directory {parent} does not exist")

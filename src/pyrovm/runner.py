@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 import threading
 from typing import TYPE_CHECKING
@@ -31,6 +32,15 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 def write_metrics(vm: VM, path: str) -> bool:
     """Write *vm*'s metrics to *path* atomically (a private temporary file renamed over it); False, with
     one error line logged and nothing left behind, when it cannot be written."""
+    if _is_device(path):  # /dev/null, /dev/stderr...: written in place
+        try:
+            with open(path, "w") as f:
+                json.dump(vm.metrics(), f, indent=2)
+                f.write("\n")
+            return True
+        except OSError as exc:
+            log.error("cannot write metrics to %s: %s", path, exc.strerror or exc)
+            return False
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
         with open(tmp, "w") as f:
@@ -47,6 +57,13 @@ def write_metrics(vm: VM, path: str) -> bool:
         return False
 
 
+def _is_device(path: str) -> bool:
+    try:
+        return stat.S_ISCHR(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 class SignalWorker:
     """Receives signals through a pipe (:func:`signal.set_wakeup_fd`: the C-level handler writes the
     signal's number there) and acts on them in a thread of its own.  The Python-level handlers do nothing:
@@ -58,6 +75,7 @@ class SignalWorker:
         self.stopped_vm = False  # the VM ended because of it
         self._vm: VM | None = None
         self._metrics_lock = threading.Lock()
+        self._stop_lock = threading.Lock()
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._wfd, False)
         self._thread = threading.Thread(target=self._work, name="pyrovm-signals", daemon=True)
@@ -106,12 +124,17 @@ class SignalWorker:
         # any other number: a signal that has a Python handler of someone else (pyrovm's vCPU kick)
 
     def _stop_vm(self, vm: VM, signum: int) -> None:
-        message = f"terminated by signal {signal.Signals(signum).name}"
-        self.stopped_vm = True
-        if vm.state == "created":
-            return  # not started: the command sees stop_signal and does not start it
-        result = vm.stop(ExitReason.STOPPED, message)
-        self.stopped_vm = result.message == message
+        with self._stop_lock:
+            if self.stopped_vm or vm.state == "created":
+                return  # not started yet: :meth:`started` stops it right after it starts
+            message = f"terminated by signal {signal.Signals(signum).name}"
+            result = vm.stop(ExitReason.STOPPED, message)
+            self.stopped_vm = result.message == message
+
+    def started(self, vm: VM) -> None:
+        """The VM was just started: stop it now if a stop signal came before."""
+        if self.stop_signal is not None:
+            self._stop_vm(vm, self.stop_signal)
 
 
 def _ignore(signum: int, frame: object) -> None:
@@ -163,6 +186,7 @@ def run_vm(vm: VM, args: argparse.Namespace, signals: SignalWorker, started: flo
             terminal = Terminal(vm.send_input, lambda: vm.stop(ExitReason.STOPPED, "quit (Ctrl-A x)"))
             terminal.start()
         vm.start()
+        signals.started(vm)
         result = vm.wait(vm.config.timeout)
     finally:
         if terminal is not None:
@@ -171,7 +195,7 @@ def run_vm(vm: VM, args: argparse.Namespace, signals: SignalWorker, started: flo
         vm.close()
     if timing is not None:
         timing.report_end()
-    if signals.stopped_vm and signals.stop_signal is not None:
+    if signals.stop_signal is not None and (signals.stopped_vm or result.reason is ExitReason.STOPPED):
         return ExitCode.INTERRUPTED if signals.stop_signal == signal.SIGINT else 128 + signals.stop_signal
     return _report(vm, result, args)
 

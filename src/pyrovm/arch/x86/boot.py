@@ -81,6 +81,12 @@ def load_kernel(
             "(not an ELF with a PVH note or 64-bit entry, not a bzImage)"
         )
     elf = load_elf(memory, kernel, name)
+    low = [start for start, _ in elf.segments if start < layout.HIGH_MEMORY_START]
+    if low:
+        raise KernelLoadError(
+            f"{name}: not a kernel: it loads at {low[0]:#x}, below 1 MiB where the boot structures go "
+            "(kernels load at 1 MiB or above)"
+        )
     cmdline_addr = bootparams.write_cmdline(memory, cmdline.encode(layout.CMDLINE_MAX_SIZE - 1))
     placed = load_initrd(memory, initrd, elf.load_end)
     mode = boot if boot != "auto" else ("pvh" if elf.pvh_entry is not None else "linux64")
