@@ -30,6 +30,26 @@ def run(
     )
 
 
+_LIVE: list[subprocess.Popen[bytes]] = []
+
+
+def _popen(argv: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
+    """A pyrovm process that is killed at the end of the test if it is still there."""
+    proc: subprocess.Popen[bytes] = subprocess.Popen(argv, **kwargs)  # type: ignore[call-overload]
+    _LIVE.append(proc)
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left() -> Iterator[None]:
+    yield
+    while _LIVE:
+        proc = _LIVE.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 def _digest(paths: Sequence[Path]) -> dict[Path, str]:
     return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths if p.is_file()}
 
@@ -155,7 +175,7 @@ def test_user_programs_are_not_kernels(program: str) -> None:
 def test_disk_create_force_refuses_an_image_in_use(files: dict[str, Path]) -> None:
     img = files["img"]
     before = _digest([img])
-    vm = subprocess.Popen(
+    vm = _popen(
         pyrovm_argv(
             "run",
             "--kernel",
@@ -246,7 +266,7 @@ def _caught(pid: int, *sigs: int) -> bool:
 
 
 def _spin(files: dict[str, Path], metrics: Path, *extra: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
+    proc = _popen(
         pyrovm_argv(
             "run",
             "--kernel",
@@ -403,7 +423,7 @@ def test_an_elf_loading_below_1m_is_not_a_kernel(tmp_path: Path) -> None:
 
 def test_stop_signal_during_start_up_ends_at_once(files: dict[str, Path]) -> None:
     for _ in range(3):
-        proc = subprocess.Popen(
+        proc = _popen(
             pyrovm_argv(
                 "run", "--kernel", str(files["kernel"]), "--cmdline", "test=spin", "--console", "none",
                 "--timeout", "60",
