@@ -27,10 +27,11 @@ import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 
 from pyrovm.devices.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice, VirtioDeviceState
-from pyrovm.devices.virtio.queue import DescriptorChain, SplitQueue, split_views, trim_views
+from pyrovm.devices.virtio.queue import ChainError, DescriptorChain, SplitQueue, split_views, trim_views
 from pyrovm.errors import DeviceError
 
 SECTOR_SIZE = 512
@@ -136,36 +137,47 @@ class _Status(Exception):
 
 
 # -- requests, parsed once ------------------------------------------------------------------------------
-class BlockRequest:
-    """One virtio-blk request, parsed once from its chain (both the merge path and the single path use it).
+class BlockRequest(tuple):  # type: ignore[type-arg]
+    """One virtio-blk request, parsed once from its chain (both the merge path and the single path use it):
+    ``(chain, rtype, sector, data, nbytes, status, error, why)``.
 
     ``data``: the data buffers (after the header for OUT; before the status byte for IN, GET_ID and the
     other types), ``nbytes`` bytes in all; ``status``: a 1-byte view of the status byte (None when the
     chain has no writable byte for it); ``error``: the status to complete with when the request is
-    malformed (``why`` says how), None when it is well formed.
+    malformed (``why`` says how), None when it is well formed.  A tuple, because the hot path makes one
+    per request and unpacks it: cheaper than an object with attributes, which the slow paths still read.
     """
 
-    __slots__ = ("chain", "data", "error", "nbytes", "rtype", "sector", "status", "why")
+    __slots__ = ()
 
-    def __init__(
-        self,
-        chain: DescriptorChain,
-        rtype: int,
-        sector: int,
-        data: list[memoryview],
-        nbytes: int,
-        status: memoryview | None,
-        error: int | None = None,
-        why: str = "",
-    ) -> None:
-        self.chain = chain
-        self.rtype = rtype
-        self.sector = sector
-        self.data = data
-        self.nbytes = nbytes
-        self.status = status
-        self.error = error
-        self.why = why
+    chain: DescriptorChain = property(itemgetter(0))  # type: ignore[assignment]
+    rtype: int = property(itemgetter(1))  # type: ignore[assignment]
+    sector: int = property(itemgetter(2))  # type: ignore[assignment]
+    data: list[memoryview] = property(itemgetter(3))  # type: ignore[assignment]
+    nbytes: int = property(itemgetter(4))  # type: ignore[assignment]
+    status: memoryview | None = property(itemgetter(5))  # type: ignore[assignment]
+    error: int | None = property(itemgetter(6))  # type: ignore[assignment]
+    why: str = property(itemgetter(7))  # type: ignore[assignment]
+
+
+_tuple_new = tuple.__new__
+
+
+def _request(
+    chain: DescriptorChain,
+    rtype: int,
+    sector: int,
+    data: list[memoryview],
+    nbytes: int,
+    status: memoryview | None,
+    error: int | None = None,
+    why: str = "",
+) -> BlockRequest:
+    return _tuple_new(BlockRequest, (chain, rtype, sector, data, nbytes, status, error, why))  # type: ignore[no-any-return]
+
+
+_HEADER_SIZE = REQ_HEADER.size
+_unpack_header = REQ_HEADER.unpack_from
 
 
 def parse_request(chain: DescriptorChain) -> BlockRequest:
@@ -179,18 +191,20 @@ def parse_request(chain: DescriptorChain) -> BlockRequest:
         readable
         and writable
         and len(readable) + len(writable) == 3
-        and readable[0][1] == REQ_HEADER.size
+        and readable[0][1] == _HEADER_SIZE
         and writable[-1][1] == 1
     ):
-        rtype, _, sector = REQ_HEADER.unpack_from(view(readable[0][0], REQ_HEADER.size))
+        rtype, _, sector = _unpack_header(view(readable[0][0], _HEADER_SIZE))
         if rtype == VIRTIO_BLK_T_IN and len(writable) == 2:
             gpa, n = writable[0]
-            return BlockRequest(chain, rtype, sector, [view(gpa, n)], n, view(writable[1][0], 1))
+            status = view(writable[1][0], 1)
+            return _tuple_new(BlockRequest, (chain, rtype, sector, [view(gpa, n)], n, status, None, ""))  # type: ignore[no-any-return]
         if rtype == VIRTIO_BLK_T_OUT and len(readable) == 2:
             gpa, n = readable[1]
-            return BlockRequest(chain, rtype, sector, [view(gpa, n)], n, view(writable[0][0], 1))
+            status = view(writable[0][0], 1)
+            return _tuple_new(BlockRequest, (chain, rtype, sector, [view(gpa, n)], n, status, None, ""))  # type: ignore[no-any-return]
     if not writable or not writable[-1][1]:
-        return BlockRequest(chain, -1, 0, [], 0, None, VIRTIO_BLK_S_IOERR, "no writable status byte")
+        return _request(chain, -1, 0, [], 0, None, VIRTIO_BLK_S_IOERR, "no writable status byte")
     status_gpa, status_len = writable[-1]
     status = view(status_gpa + status_len - 1, 1)
     nw = len(writable)
@@ -213,24 +227,24 @@ def parse_request(chain: DescriptorChain) -> BlockRequest:
         header = chain.read_prefix(REQ_HEADER.size)
         if len(header) < REQ_HEADER.size:
             why = "request header is not in device-readable buffers"
-            return BlockRequest(chain, -1, 0, data_in, in_bytes, status, VIRTIO_BLK_S_IOERR, why)
+            return _request(chain, -1, 0, data_in, in_bytes, status, VIRTIO_BLK_S_IOERR, why)
         rtype, _, sector = REQ_HEADER.unpack_from(header)
     if rtype == VIRTIO_BLK_T_IN:
         if (
             len(readable) != 1 or readable[0][1] != REQ_HEADER.size
         ) and chain.readable_len != REQ_HEADER.size:
             why = "read request with device-readable data buffers"
-            return BlockRequest(chain, rtype, sector, data_in, in_bytes, status, VIRTIO_BLK_S_IOERR, why)
+            return _request(chain, rtype, sector, data_in, in_bytes, status, VIRTIO_BLK_S_IOERR, why)
     elif rtype == VIRTIO_BLK_T_OUT:
         if data_in:
             why = "write request with device-writable data buffers"
-            return BlockRequest(chain, rtype, sector, [], 0, status, VIRTIO_BLK_S_IOERR, why)
+            return _request(chain, rtype, sector, [], 0, status, VIRTIO_BLK_S_IOERR, why)
         if len(readable) == 2 and readable[0][1] == REQ_HEADER.size:
             gpa, out_bytes = readable[1]
-            return BlockRequest(chain, rtype, sector, [view(gpa, out_bytes)], out_bytes, status)
+            return _request(chain, rtype, sector, [view(gpa, out_bytes)], out_bytes, status)
         data_out = split_views(chain.readable_views(), REQ_HEADER.size)[1]
-        return BlockRequest(chain, rtype, sector, data_out, sum(v.nbytes for v in data_out), status)
-    return BlockRequest(chain, rtype, sector, data_in, in_bytes, status)
+        return _request(chain, rtype, sector, data_out, sum(v.nbytes for v in data_out), status)
+    return _request(chain, rtype, sector, data_in, in_bytes, status)
 
 
 # -- file I/O -------------------------------------------------------------------------------------------
@@ -460,25 +474,28 @@ class VirtioBlock(VirtioDevice):
         queue = self.queues[queue_index]
         if queue is None:
             return
+        queue.drain(self._serve_batch)
+
+    def _serve_batch(self, queue: SplitQueue, batch: list[DescriptorChain | ChainError]) -> bool:
+        """Serve *batch*, merging runs of adjacent plain reads (or writes) into one syscall; everything is
+        completed, in order, when it returns (also when it raises)."""
         read_only, size, serve_run = self.read_only, self.size, self._serve_run
-        # the held run: its requests, their buffers, direction and byte range
-        reqs: list[BlockRequest] = []
-        views: list[memoryview] = []
+        # the held run: its requests, how many buffers they have, direction and byte range
+        run: list[BlockRequest] = []
+        nviews = start = end = 0
         is_write = False
-        start = end = 0
         try:
-            for chain in queue.drain():
-                if type(chain) is not DescriptorChain:
-                    # the ring looks empty (None) or a malformed chain: serve what is held first
-                    reqs = serve_run(queue, reqs, views, is_write, start, end)
-                    if chain is not None:
-                        self.chain_failed(queue, chain)  # type: ignore[arg-type]
+            for chain in batch:
+                if type(chain) is not DescriptorChain:  # a malformed chain: what is held goes first
+                    if run:
+                        run = serve_run(queue, run, is_write, start, end)
+                    self.chain_failed(queue, chain)  # type: ignore[arg-type]
                     continue
                 req = parse_request(chain)
-                rtype, nbytes, data = req.rtype, req.nbytes, req.data
-                offset = req.sector << SECTOR_SHIFT
+                _, rtype, sector, data, nbytes, _, error, _ = req
+                offset = sector << SECTOR_SHIFT
                 if (
-                    req.error is None
+                    error is None
                     and (rtype == VIRTIO_BLK_T_IN or (rtype == VIRTIO_BLK_T_OUT and not read_only))
                     and nbytes
                     and not nbytes % SECTOR_SIZE
@@ -487,61 +504,56 @@ class VirtioBlock(VirtioDevice):
                 ):  # a plain valid read or write: held, to be merged with the next ones
                     write = rtype == VIRTIO_BLK_T_OUT
                     if (
-                        reqs
+                        run
                         and offset == end
                         and write == is_write
-                        and len(views) + len(data) <= _IOV_MAX
+                        and nviews + len(data) <= _IOV_MAX
                         and end - start + nbytes <= MERGE_MAX_BYTES
                     ):  # it continues the run
-                        reqs.append(req)
-                        views += data
+                        run.append(req)
+                        nviews += len(data)
                         end += nbytes
                     else:
-                        if reqs:
-                            serve_run(queue, reqs, views, is_write, start, end)
-                        reqs, views, is_write, start, end = [req], list(data), write, offset, offset + nbytes
+                        if run:
+                            serve_run(queue, run, is_write, start, end)
+                        run, nviews, is_write, start, end = [req], len(data), write, offset, offset + nbytes
                     continue
-                reqs = serve_run(queue, reqs, views, is_write, start, end)  # anything else is a barrier
+                if run:  # anything else is a barrier: what is held goes first
+                    run = serve_run(queue, run, is_write, start, end)
                 queue.add_used(chain.head, self.serve(req))
-        finally:  # also when the queue breaks: what was held is served before the error goes up
-            serve_run(queue, reqs, views, is_write, start, end)
+        finally:  # also when something breaks: what was held is served before the error goes up
+            if run:
+                serve_run(queue, run, is_write, start, end)
+        return True
 
     def _serve_run(
-        self,
-        queue: SplitQueue,
-        reqs: list[BlockRequest],
-        views: list[memoryview],
-        is_write: bool,
-        start: int,
-        end: int,
+        self, queue: SplitQueue, run: list[BlockRequest], is_write: bool, start: int, end: int
     ) -> list[BlockRequest]:
         """Serve a held run (adjacent reads, or writes, covering ``[start, end)`` of the image) with one
         syscall and complete each request in order; on an error or a short transfer serve each again on
-        its own.  Returns a new empty run list."""
-        if not reqs:
-            return reqs
-        nbytes = end - start
+        its own.  Returns a new empty run."""
+        views = run[0][3] if len(run) == 1 else [v for req in run for v in req[3]]
         try:
             n = os.pwritev(self.fd, views, start) if is_write else os.preadv(self.fd, views, start)
         except OSError:
             n = -1
         add_used = queue.add_used
-        if n != nbytes:
-            for req in reqs:
-                add_used(req.chain.head, self.serve(req))
+        if n != end - start:
+            for req in run:
+                add_used(req[0].head, self.serve(req))
             return []
         stats = self.stats
-        stats.requests += len(reqs)
+        stats.requests += len(run)
         if is_write:
             stats.bytes_written += n
-            for req in reqs:
-                req.status[0] = VIRTIO_BLK_S_OK  # type: ignore[index]
-                add_used(req.chain.head, 1)
+            for req in run:
+                req[5][0] = VIRTIO_BLK_S_OK
+                add_used(req[0].head, 1)
         else:
             stats.bytes_read += n
-            for req in reqs:
-                req.status[0] = VIRTIO_BLK_S_OK  # type: ignore[index]
-                add_used(req.chain.head, req.nbytes + 1)
+            for req in run:
+                req[5][0] = VIRTIO_BLK_S_OK
+                add_used(req[0].head, req[4] + 1)
         return []
 
     def handle_chain(self, queue_index: int, queue: SplitQueue, chain: DescriptorChain) -> int:

@@ -149,16 +149,20 @@ class VirtioDevice:
             return
         add_used = queue.add_used
         handle = self.handle_chain
-        for chain in queue.drain():
-            if chain is None:  # the ring looks empty: nothing is held here
-                continue
-            if isinstance(chain, ChainError):
-                self.chain_failed(queue, chain)
-                continue
-            written = handle(queue_index, queue, chain)
-            if written is None:  # deferred: the device put the chain back and will come back to it
-                return
-            add_used(chain.head, written)
+
+        def serve(queue: SplitQueue, batch: list[DescriptorChain | ChainError]) -> bool:
+            for i, chain in enumerate(batch):
+                if type(chain) is not DescriptorChain:
+                    self.chain_failed(queue, chain)  # type: ignore[arg-type]
+                    continue
+                written = handle(queue_index, queue, chain)
+                if written is None:  # deferred: the device gave this chain back; the rest of the batch too
+                    queue.undo_pop(len(batch) - i - 1)
+                    return False
+                add_used(chain.head, written)
+            return True
+
+        queue.drain(serve)
 
     def handle_chain(self, queue_index: int, queue: SplitQueue, chain: DescriptorChain) -> int | None:
         """Serve one request; return the bytes written into its writable buffers, or None to defer it

@@ -410,33 +410,37 @@ class VirtioMmioTransport:
         """The driver kicked queue *index* (ioeventfd or a write to QueueNotify)."""
         with self._lock:
             self.device.stats.notifications += 1
-            self.process_queue(index)
+            self._process(index)
 
     def process_queue(self, index: int) -> None:
         """Serve queue *index* and interrupt the driver if it wants to know.  Never raises."""
         with self._lock:
-            dev = self.device
-            if not dev.active or self.state.status & (STATUS_DEVICE_NEEDS_RESET | STATUS_FAILED):
+            self._process(index)
+
+    def _process(self, index: int) -> None:
+        """:meth:`process_queue` with the lock held."""
+        dev = self.device
+        if not dev.active or self.state.status & (STATUS_DEVICE_NEEDS_RESET | STATUS_FAILED):
+            return
+        q = dev.queues[index] if 0 <= index < len(dev.queues) else None
+        if q is None:
+            self._log_once("notify", "notification for queue %d, which is not live", index)
+            return
+        while True:
+            try:
+                dev.process(index)
+            except Exception as e:
+                self._fail(e)
+            try:  # also after a failure: requests completed before it are announced
+                if q.needs_notification():
+                    self._raise_interrupt(INT_USED_BUFFER)
+            except Exception as e:
+                self._fail(e)
+            if not q.deferred or self.state.status & STATUS_DEVICE_NEEDS_RESET:
                 return
-            if not 0 <= index < len(dev.queues) or dev.queues[index] is None:
-                self._log_once("notify", "notification for queue %d, which is not live", index)
+            if self._defer is not None:  # the rest later, after the other devices' events
+                self._defer(lambda: self.process_queue(index))
                 return
-            while True:
-                try:
-                    dev.process(index)
-                except Exception as e:
-                    self._fail(e)
-                q = dev.queues[index] if index < len(dev.queues) else None
-                try:
-                    if q is not None and q.needs_notification():
-                        self._raise_interrupt(INT_USED_BUFFER)
-                except Exception as e:
-                    self._fail(e)
-                if q is None or not q.deferred or self.needs_reset:
-                    return
-                if self._defer is not None:  # the rest later, after the other devices' events
-                    self._defer(lambda: self.process_queue(index))
-                    return
 
     # -- snapshots ---------------------------------------------------------------------------------------
     def save_state(self) -> MmioTransportState:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import struct
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -58,16 +58,18 @@ if sys.byteorder != "little":  # pragma: no cover - KVM on x86-64 only
     raise ImportError("pyrovm's virtqueues need a little-endian host")
 
 _FENCE = threading.Lock()
+_fence_acquire, _fence_release = _FENCE.acquire, _FENCE.release
 
 
 def full_barrier() -> None:
     """A full memory barrier: taking a lock is a locked read-modify-write, which x86 never reorders.
 
     Needed where the device stores to a ring and then loads something the driver stores (store -> load),
-    which x86 may otherwise reorder and so lose a notification.
+    which x86 may otherwise reorder and so lose a notification.  (Two C calls: half the cost of a
+    ``with`` block on the lock, on the hot path of every queue.)
     """
-    with _FENCE:
-        pass
+    _fence_acquire()
+    _fence_release()
 
 
 #: One descriptor: ``addr`` (u64), ``len`` (u32), ``flags`` (u16), ``next`` (u16), little-endian.
@@ -336,6 +338,7 @@ class SplitQueue:
         self._view = memory.view
         self._contains = memory.contains
         self._added = 0  # used entries added since the last needs_notification()
+        self._ram_top = memory.regions[-1].end  # a small int, so the span's comparisons stay fast
         self._long_ring = size > MAX_CHAIN_DESCRIPTORS  # a direct chain alone could be too long
         #: True when the last :meth:`drain` stopped at its budget with chains left (serve them later).
         self.deferred = False
@@ -375,63 +378,72 @@ class SplitQueue:
         st.next_avail = (next_avail + 1) & 0xFFFF
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
-        lo, hi = self._walk(head, readable, writable)
-        if not self._contains(lo, hi - lo):  # one check of the span; then the buffers one by one
-            for addr, length in (*readable, *writable):
-                if not self.memory.contains(addr, length):
-                    why = f"buffer {addr:#x}+{length:#x} outside guest RAM"
-                    raise DescriptorOutOfRangeError(head, why)
+        self._walk(head, readable, writable)
         return DescriptorChain(self.memory, head, readable, writable, self._view)
 
-    def undo_pop(self) -> None:
-        """Give back the last popped chain: the next :meth:`pop` returns it again."""
-        self.state.next_avail = (self.state.next_avail - 1) & 0xFFFF
+    def _outside(self, head: int, readable: list[tuple[int, int]], writable: list[tuple[int, int]]) -> None:
+        """The span check failed: find the buffer outside guest RAM (guest RAM of several regions may still
+        hold every buffer, each in one region)."""
+        for addr, length in (*readable, *writable):
+            if not self.memory.contains(addr, length):
+                raise DescriptorOutOfRangeError(head, f"buffer {addr:#x}+{length:#x} outside guest RAM")
 
-    def drain(self) -> Iterator[DescriptorChain | ChainError | None]:
-        """Every available chain, in order, then every one that arrives until the queue stays empty.
+    def undo_pop(self, count: int = 1) -> None:
+        """Give back the last *count* popped chains: the next :meth:`pop` returns the first of them again."""
+        self.state.next_avail = (self.state.next_avail - count) & 0xFFFF
 
-        Driver notifications are off while draining.  Each time the ring looks empty, ``None`` is yielded
-        first: the consumer completes whatever it holds (e.g. requests kept back to be merged), so that a
+    def drain(self, serve: Callable[[SplitQueue, list[DescriptorChain | ChainError]], bool]) -> None:
+        """Hand every available chain to *serve*, in batches, until the queue stays empty.
+
+        A batch is every chain available now, popped with driver notifications off; a malformed chain is
+        in it as its :class:`ChainError` (already consumed: complete ``error.head``).  ``serve(batch)``
+        completes the whole batch (requests kept back to be merged too) before it returns, so that a
         driver waiting for them can publish more before notifications are turned back on and the avail
-        index is read again (a chain published in between is not left behind).  A malformed chain is
-        yielded as its :class:`ChainError` (already consumed: complete ``error.head``).  Fatal errors
-        (:class:`QueueBrokenError`) propagate.  A consumer that defers a chain calls :meth:`undo_pop` and
-        stops iterating; notifications then stay off until it comes back.  After :data:`DRAIN_BUDGET`
-        descriptors it stops with chains left and sets :attr:`deferred`: whoever called the device serves
-        the rest later, so that one notification cannot hold the I/O thread for long.
+        index is read again (a chain published in between is not left behind); it gets this queue and the
+        batch (``serve(queue, batch)``, so a bound method of the device serves), and returns False when it
+        stopped early, after giving the chain it could not serve and the rest of the batch back with
+        :meth:`undo_pop` (notifications then stay off until the device comes back).  Fatal errors
+        (:class:`QueueBrokenError`) propagate, after the chains popped before them were served.  A batch
+        ends after :data:`DRAIN_BUDGET` descriptors; if chains are left then, :attr:`deferred` is set and
+        draining stops: whoever called the device serves the rest later, so that one notification cannot
+        hold the I/O thread for long.
         """
         pop = self.pop
-        budget = DRAIN_BUDGET
         self.deferred = False
+        event_idx = self.event_idx
         while True:
-            self.disable_notification()
-            while True:
-                try:
-                    chain = pop()
-                except ChainError as e:
-                    budget -= 1
-                    yield e
-                    continue
-                if chain is None:
-                    break
-                yield chain
-                budget -= len(chain.readable) + len(chain.writable) + 1
-                if budget <= 0 and self.pending():
-                    self.deferred = True  # notifications stay off: the transport comes back for the rest
-                    yield None
-                    return
-            yield None
-            if not self.enable_notification():
+            if not event_idx:  # (with EVENT_IDX the driver kicks only past avail_event: nothing to turn off)
+                self.disable_notification()
+            batch: list[DescriptorChain | ChainError] = []
+            budget = DRAIN_BUDGET
+            try:
+                while budget > 0:
+                    try:
+                        chain = pop()
+                    except ChainError as e:
+                        batch.append(e)
+                        budget -= 1
+                        continue
+                    if chain is None:
+                        break
+                    batch.append(chain)
+                    budget -= len(chain.readable) + len(chain.writable) + 1
+                else:
+                    self.deferred = self.pending() > 0
+            except QueueBrokenError:
+                if batch:  # what was popped before the queue broke is served first
+                    serve(self, batch)
+                raise
+            if batch and not serve(self, batch):
+                return
+            if self.deferred or not self.enable_notification():
                 return
 
-    def _walk(
-        self, head: int, readable: list[tuple[int, int]], writable: list[tuple[int, int]]
-    ) -> tuple[int, int]:
-        """Collect the chain's buffers; returns the span ``(lowest address, highest end)`` they cover, for
-        :meth:`pop` to check with one call (guest RAM in one region holds all of them iff it holds the
-        span)."""
-        view = self._view
-        lo = 1 << 64
+    def _walk(self, head: int, readable: list[tuple[int, int]], writable: list[tuple[int, int]]) -> None:
+        """Collect the chain's buffers and check them with one call over the span they cover (guest RAM
+        in one region holds all of them iff it holds the span)."""
+        view, contains = self._view, self._contains
+        lo = self._ram_top  # any buffer above it fails the span check through ``hi`` anyway
         hi = 0
         table = self._desc
         table_size = self.size
@@ -481,7 +493,9 @@ class SplitQueue:
             if not flags & VIRTQ_DESC_F_NEXT:
                 if (in_indirect or self._long_ring) and len(readable) + len(writable) > MAX_CHAIN_DESCRIPTORS:
                     raise ChainTooLongError(f"chain {head}: more than {MAX_CHAIN_DESCRIPTORS} descriptors")
-                return lo, hi
+                if not contains(lo, hi - lo):  # one check of the span; then the buffers one by one
+                    self._outside(head, readable, writable)
+                return
             if nxt >= table_size:
                 raise DescriptorIndexError(head, f"next index {nxt} outside a table of {table_size}")
             index = nxt
