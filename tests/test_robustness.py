@@ -33,9 +33,13 @@ def run(
 _LIVE: list[subprocess.Popen[bytes]] = []
 
 
-def _popen(argv: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
-    """A pyrovm process that is killed at the end of the test if it is still there."""
-    proc: subprocess.Popen[bytes] = subprocess.Popen(argv, **kwargs)  # type: ignore[call-overload]
+def _spawn(kernel: Path, cmdline: str, *args: str) -> subprocess.Popen[bytes]:
+    """``pyrovm run`` in the background, console off, stderr kept; killed at the end of the test if it is
+    still there."""
+    argv = pyrovm_argv("run", "--kernel", str(kernel), "--cmdline", cmdline, "--console", "none", *args)
+    proc = subprocess.Popen(
+        argv, env=cli_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     _LIVE.append(proc)
     return proc
 
@@ -175,25 +179,7 @@ def test_user_programs_are_not_kernels(program: str) -> None:
 def test_disk_create_force_refuses_an_image_in_use(files: dict[str, Path]) -> None:
     img = files["img"]
     before = _digest([img])
-    vm = _popen(
-        pyrovm_argv(
-            "run",
-            "--kernel",
-            str(files["kernel"]),
-            "--cmdline",
-            "test=spin",
-            "--disk",
-            str(img),
-            "--console",
-            "none",
-            "--timeout",
-            "30",
-        ),
-        env=cli_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    vm = _spawn(files["kernel"], "test=spin", "--disk", str(img), "--timeout", "30")
     try:
         _wait_for_lock(img, vm)
         p = run("disk", "create", str(img), "--size", "4M", "--force")
@@ -266,26 +252,7 @@ def _caught(pid: int, *sigs: int) -> bool:
 
 
 def _spin(files: dict[str, Path], metrics: Path, *extra: str) -> subprocess.Popen[bytes]:
-    proc = _popen(
-        pyrovm_argv(
-            "run",
-            "--kernel",
-            str(files["kernel"]),
-            "--cmdline",
-            "test=spin",
-            "--console",
-            "none",
-            "--metrics",
-            str(metrics),
-            "--timeout",
-            "60",
-            *extra,
-        ),
-        env=cli_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    proc = _spawn(files["kernel"], "test=spin", "--metrics", str(metrics), "--timeout", "60", *extra)
     deadline = time.monotonic() + 20
     while not _caught(proc.pid, signal.SIGUSR1, signal.SIGTERM):
         assert proc.poll() is None and time.monotonic() < deadline
@@ -423,13 +390,7 @@ def test_an_elf_loading_below_1m_is_not_a_kernel(tmp_path: Path) -> None:
 
 def test_stop_signal_during_start_up_ends_at_once(files: dict[str, Path]) -> None:
     for _ in range(3):
-        proc = _popen(
-            pyrovm_argv(
-                "run", "--kernel", str(files["kernel"]), "--cmdline", "test=spin", "--console", "none",
-                "--timeout", "60",
-            ),
-            env=cli_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )  # fmt: skip
+        proc = _spawn(files["kernel"], "test=spin", "--timeout", "60")
         while not _caught(proc.pid, signal.SIGTERM):
             assert proc.poll() is None
             time.sleep(0.001)

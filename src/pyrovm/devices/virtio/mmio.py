@@ -24,7 +24,6 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from pyrovm.devices import IrqTrigger
 from pyrovm.devices.virtio.device import (
@@ -35,9 +34,6 @@ from pyrovm.devices.virtio.device import (
 )
 from pyrovm.devices.virtio.queue import QueueState, SplitQueue, VirtqueueError
 from pyrovm.memory import GuestMemory
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("pyrovm.devices.virtio")
 
