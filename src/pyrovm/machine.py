@@ -103,7 +103,10 @@ class Machine:
         self._done = threading.Event()
         self._lock = threading.RLock()
         self._paused = False
+        # released by close(), or when the machine is garbage; not at interpreter exit, where vCPU threads
+        # of a VM nobody closed may still be in KVM_RUN (the process's end releases everything anyway)
         self._release = weakref.finalize(self, parts.resources.close)
+        self._release.atexit = False
         parts.events.latch.listeners.append(self._on_exit)
 
     # -- queries ---------------------------------------------------------------------------------------
