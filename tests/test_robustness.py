@@ -399,3 +399,30 @@ def test_stop_signal_during_start_up_ends_at_once(files: dict[str, Path]) -> Non
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 143, err
         assert time.monotonic() - t0 < 10 and b"Traceback" not in err
+
+
+def test_disk_create_stopped_by_a_signal_leaves_nothing(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for i in range(20000):  # enough files that mkfs.ext4 -d takes a while
+        (tree / f"f{i}").write_text(str(i))
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = pyrovm_argv("disk", "create", str(out / "new.img"), "--size", "512M", "--from-dir", str(tree))
+    proc = subprocess.Popen(
+        argv, env=cli_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    _LIVE.append(proc)
+    while not _caught(proc.pid, signal.SIGTERM):
+        assert proc.poll() is None
+        time.sleep(0.001)
+    deadline = time.monotonic() + 20
+    while not list(out.iterdir()):  # the temporary image exists: mkfs is at work
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    assert b"Traceback" not in err
+    assert list(out.iterdir()) == []

@@ -8,6 +8,7 @@ import fcntl
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -141,12 +142,30 @@ def _mkfs(mkfs: str, image: Path, label: str, from_dir: str | os.PathLike[str] |
         raise DiskError(f"{target}: mkfs.ext4 failed: {detail}")
 
 
+class _Stopped(BaseException):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_on_signal(signum: int, frame: object) -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)  # one is enough: more would interrupt the clean-up
+    raise _Stopped(signum)
+
+
 def _create_handler(args: argparse.Namespace) -> int:
+    # SIGTERM/SIGHUP/SIGINT unwind like an error, so the temporary image is removed and nothing is left
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, _stop_on_signal)
     try:
         path = create_disk(args.path, args.size, from_dir=args.from_dir, force=args.force, label=args.label)
     except DiskError as e:
         print(f"pyrovm disk create: {e}", file=sys.stderr)
         return 2
+    except _Stopped as stop:
+        print(f"pyrovm disk create: stopped by signal {signal.Signals(stop.signum).name}", file=sys.stderr)
+        return 128 + stop.signum
     print(path)
     return 0
 
