@@ -65,7 +65,8 @@ STEPS: list[tuple[Any, str]] = [
     (builder, "_create_vm"),
     (builder, "_create_devices"),
     (builder, "_create_vcpus"),
-    (x86boot, "load_kernel"),
+    (builder, "load_kernel"),
+    (x86boot, "configure_boot"),
     (x86boot, "setup_boot_vcpu"),
     (builder, "Machine"),
 ]

@@ -26,6 +26,7 @@ from .config import VmConfig
 from .console import ConsoleLog
 from .device_manager import DeviceManager
 from .errors import ConfigError
+from .loader import check_cmdline, load_kernel
 from .loader.cmdline import Cmdline
 from .machine import Machine, MachineEvents, MachineParts
 from .memory import GuestMemory
@@ -61,15 +62,11 @@ def build(config: VmConfig, *, console: BinaryIO | None = None) -> Machine:
         cmdline.add(*devices.cmdline_words())
         if config.rootfs is not None and not cmdline.has("root"):
             cmdline.add("root=/dev/vda", "ro" if config.rootfs.read_only else "rw")
-        setup = x86boot.load_kernel(
-            memory,
-            kernel,
-            str(config.kernel),
-            cmdline,
-            initrd=config.initrd,
-            boot=config.boot,
-            cpus=config.cpus,
-        )
+        name = str(config.kernel)
+        entry = load_kernel(memory, kernel, name, config.boot)
+        text = cmdline.encode()
+        check_cmdline(entry, text, name)
+        setup = x86boot.configure_boot(memory, entry, text, initrd=config.initrd, cpus=config.cpus)
         x86boot.setup_boot_vcpu(vcpus[0], memory, setup)
         parts = MachineParts(
             config, kvm, kvm_vm, memory, devices, vcpus, setup, events.watcher.log, events, stack, workarounds

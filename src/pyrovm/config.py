@@ -23,12 +23,12 @@ from typing import Any
 
 from .errors import ConfigError
 from .loader.cmdline import Cmdline
+from .loader.kernel import BOOT_MODES
 
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1"
 DEFAULT_MEMORY = 128 << 20
 MIN_MEMORY = 8 << 20
 MAX_CPUS = 254  # 8-bit APIC ids, and the IOAPIC's id after them in the MP table
-BOOT_MODES = ("auto", "pvh", "linux64")
 #: The generic kernel command-line limit (a bzImage may accept less: checked when it is loaded).
 CMDLINE_LIMIT = 0xFFFF
 SERIAL_MAX = 20  # virtio-blk id bytes

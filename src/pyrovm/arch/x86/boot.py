@@ -2,7 +2,8 @@
 the boot structures that describe them (Linux zero page or PVH ``start_info``, e820 map, MP table), and
 the registers each vCPU starts with.
 
-:func:`load_kernel` does everything in guest memory and returns a :class:`BootSetup`;
+:func:`configure_boot` writes everything a loaded kernel (a :class:`KernelEntry` from
+:func:`pyrovm.loader.load_kernel`) boots with into guest memory and returns a :class:`BootSetup`;
 :func:`setup_vcpu` gives every vCPU its CPUID, MSRs, FPU and local APIC; :func:`setup_boot_vcpu` puts the
 boot vCPU at the kernel's entry.  Three ways in:
 
@@ -21,22 +22,29 @@ from pathlib import Path
 from pyrovm.errors import ConfigError
 from pyrovm.kvm import Vcpu
 from pyrovm.kvm.structs import kvm_cpuid_entry2
-from pyrovm.loader import KernelLoadError
-from pyrovm.loader.bzimage import check_cmdline, is_bzimage, load_bzimage
-from pyrovm.loader.cmdline import Cmdline
-from pyrovm.loader.elf import is_elf, load_elf
 from pyrovm.memory import GuestMemory
 
 from . import bootparams, cpuid, layout, mptable, regs
 
-BOOT_MODES = ("auto", "pvh", "linux64")
 #: Highest address an initrd may end at when the kernel does not say (ELF kernels).
 DEFAULT_INITRD_ADDR_MAX = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
+class KernelEntry:
+    """How to enter a kernel the loader (:func:`pyrovm.loader.load_kernel`) put in guest memory."""
+
+    mode: str  # "bzimage" (64-bit entry, zero page), "pvh" (32-bit entry, start_info) or "linux64"
+    entry: int
+    load_end: int  # first byte past what the kernel uses while it boots: the initrd goes above
+    setup_header: bytes | None = None  # a bzImage's own setup header, copied into the zero page
+    cmdline_size: int = layout.CMDLINE_MAX_SIZE - 1  # the longest command line it takes (no NUL)
+    initrd_addr_max: int = DEFAULT_INITRD_ADDR_MAX
+
+
+@dataclass(frozen=True)
 class BootSetup:
-    """What :func:`load_kernel` put in guest memory and where the boot vCPU starts."""
+    """What :func:`configure_boot` put in guest memory and where the boot vCPU starts."""
 
     mode: str  # "bzimage", "pvh" or "linux64"
     entry: int
@@ -44,64 +52,23 @@ class BootSetup:
     initrd: tuple[int, int] | None  # (guest address, size)
 
 
-def load_kernel(
-    memory: GuestMemory,
-    kernel: bytes,
-    name: str,
-    cmdline: Cmdline,
-    *,
-    initrd: Path | None = None,
-    boot: str = "auto",
-    cpus: int = 1,
+def configure_boot(
+    memory: GuestMemory, kernel: KernelEntry, cmdline: bytes, *, initrd: Path | None = None, cpus: int = 1
 ) -> BootSetup:
-    """Load *kernel* (bzImage or ELF bytes) and everything it boots with into *memory*.
-
-    Raises :class:`KernelLoadError` (not a kernel, does not fit) or :class:`ConfigError` (a command line
-    or initrd that does not fit).
-    """
-    if boot not in BOOT_MODES:
-        raise ConfigError(f"boot mode {boot!r}: choose {', '.join(BOOT_MODES)}")
+    """Everything a loaded *kernel* boots with, in guest memory: the MP table for *cpus*, the command
+    line, the initrd (streamed in above the kernel) and the zero page or PVH ``start_info`` with the e820
+    map.  Raises :class:`ConfigError` for a command line or initrd that does not fit (the kernel's own limit
+    on the command line is :func:`pyrovm.loader.check_cmdline`'s)."""
     e820 = bootparams.e820_map([(r.guest_addr, r.size) for r in memory])
     mptable.write(memory, cpus)
-    if is_bzimage(kernel):
-        if boot == "pvh":
-            raise KernelLoadError(f"{name}: a bzImage has no PVH entry (boot the vmlinux for PVH)")
-        bz = load_bzimage(memory, kernel, name)
-        data = cmdline.encode()
-        check_cmdline(bz.header, data, name)
-        cmdline_addr = bootparams.write_cmdline(memory, data)
-        placed = load_initrd(memory, initrd, bz.load_end, bz.header.initrd_addr_max)
-        bootparams.write_zero_page(
-            memory, e820, cmdline_addr, bz.header.cmdline_size, bz.header.setup_header, placed
-        )
-        return BootSetup("bzimage", bz.entry64, str(cmdline), placed)
-    if not is_elf(kernel):
-        raise KernelLoadError(
-            f"{name}: not a kernel pyrovm can boot "
-            "(not an ELF with a PVH note or 64-bit entry, not a bzImage)"
-        )
-    elf = load_elf(memory, kernel, name)
-    low = [start for start, _ in elf.segments if start < layout.HIGH_MEMORY_START]
-    if low:
-        raise KernelLoadError(
-            f"{name}: not a kernel: it loads at {low[0]:#x}, below 1 MiB where the boot structures go "
-            "(kernels load at 1 MiB or above)"
-        )
-    cmdline_addr = bootparams.write_cmdline(memory, cmdline.encode(layout.CMDLINE_MAX_SIZE - 1))
-    placed = load_initrd(memory, initrd, elf.load_end)
-    mode = boot if boot != "auto" else ("pvh" if elf.pvh_entry is not None else "linux64")
-    if mode == "pvh":
-        if elf.pvh_entry is None:
-            raise KernelLoadError(f"{name}: no PVH entry note (use boot=linux64)")
+    cmdline_addr = bootparams.write_cmdline(memory, cmdline)
+    placed = load_initrd(memory, initrd, kernel.load_end, kernel.initrd_addr_max)
+    if kernel.mode == "pvh":
         bootparams.write_pvh_start_info(memory, e820, cmdline_addr, placed)
-        return BootSetup("pvh", elf.pvh_entry, str(cmdline), placed)
-    if not elf.loaded(elf.entry64):
-        raise KernelLoadError(
-            f"{name}: not a kernel: its entry point {elf.entry64:#x} is outside its loaded segments "
-            "and it has no PVH note"
-        )
-    bootparams.write_zero_page(memory, e820, cmdline_addr, layout.CMDLINE_MAX_SIZE, None, placed)
-    return BootSetup("linux64", elf.entry64, str(cmdline), placed)
+    else:
+        size = kernel.cmdline_size if kernel.setup_header is not None else layout.CMDLINE_MAX_SIZE
+        bootparams.write_zero_page(memory, e820, cmdline_addr, size, kernel.setup_header, placed)
+    return BootSetup(kernel.mode, kernel.entry, cmdline.decode(), placed)
 
 
 def place_initrd(memory: GuestMemory, size: int, kernel_end: int, max_addr: int) -> int:
