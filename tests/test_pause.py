@@ -96,3 +96,34 @@ def test_life_cycle_errors(guest: Path) -> None:
         vm.resume()
     vm.close()
     vm.close()  # twice is fine
+
+
+def test_the_io_thread_serves_nothing_while_paused(guest: Path) -> None:
+    """A queue notification that arrives while paused (here: its eventfd written by hand, as KVM would)
+    is served only after resume."""
+    with VM(guest, memory="32M", cmdline="test=spin", rng=True) as vm:
+        _counter(vm)
+        slot = vm.machine.devices.slots[0]
+        stats = slot.transport.device.stats
+        efd = slot.notify_fds[0][1]
+        vm.pause()
+        before = stats.notifications
+        efd.write(1)
+        time.sleep(0.3)
+        assert stats.notifications == before
+        vm.resume()
+        deadline = time.monotonic() + 5
+        while stats.notifications == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stats.notifications == before + 1
+
+
+def test_device_states_of_a_paused_vm(guest: Path) -> None:
+    with VM(guest, memory="32M", cmdline="test=spin", rng=True) as vm:
+        _counter(vm)
+        vm.pause()
+        states = vm.machine.devices.save_state()
+        vm.resume()
+    assert set(states) == {"serial", "i8042", "debug_exit", "rtc", "boot_timer", "virtio-rng"}
+    assert type(states["serial"]).__name__ == "SerialState"
+    assert type(states["virtio-rng"]).__name__ == "MmioTransportState"
