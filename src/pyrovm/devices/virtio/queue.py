@@ -176,19 +176,14 @@ class DescriptorChain:
     __slots__ = ("head", "memory", "readable", "view", "writable")
 
     def __init__(
-        self,
-        memory: GuestMemory,
-        head: int,
-        readable: list[tuple[int, int]],
-        writable: list[tuple[int, int]],
-        view: Callable[[int, int], memoryview] | None = None,
+        self, memory: GuestMemory, head: int, readable: list[tuple[int, int]], writable: list[tuple[int, int]]
     ) -> None:
         self.memory = memory
         self.head = head
         self.readable = readable
         self.writable = writable
         #: ``view(gpa, length)``: a bounds-checked zero-copy view of guest memory (``memory.view``).
-        self.view = view if view is not None else memory.view
+        self.view = memory.view
 
     def __repr__(self) -> str:
         return f"DescriptorChain(head={self.head}, readable={self.readable}, writable={self.writable})"
@@ -367,19 +362,20 @@ class SplitQueue:
         n = (idx - next_avail) & 0xFFFF
         if not n:
             return None
-        if n > self.size:
+        size = self.size
+        if n > size:
             raise AvailIndexError(
                 f"avail index {idx} is {n} ahead of the device ({next_avail}), "
-                f"more than the queue size {self.size}"
+                f"more than the queue size {size}"
             )
         head = self._avail_ring[next_avail & self._mask]
-        if head >= self.size:
-            raise HeadIndexError(f"avail ring entry names descriptor {head}, queue size is {self.size}")
+        if head >= size:
+            raise HeadIndexError(f"avail ring entry names descriptor {head}, queue size is {size}")
         st.next_avail = (next_avail + 1) & 0xFFFF
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
         self._walk(head, readable, writable)
-        return DescriptorChain(self.memory, head, readable, writable, self._view)
+        return DescriptorChain(self.memory, head, readable, writable)
 
     def _outside(self, head: int, readable: list[tuple[int, int]], writable: list[tuple[int, int]]) -> None:
         """The span check failed: find the buffer outside guest RAM (guest RAM of several regions may still
