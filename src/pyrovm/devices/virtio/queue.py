@@ -333,8 +333,8 @@ class SplitQueue:
         self._view = memory.view
         self._contains = memory.contains
         self._added = 0  # used entries added since the last needs_notification()
-        self._ram_top = memory.regions[-1].end  # a small int, so the span's comparisons stay fast
-        self._long_ring = size > MAX_CHAIN_DESCRIPTORS  # a direct chain alone could be too long
+        #: the most descriptors a direct chain may have (a longer one counts as a loop)
+        self._direct_limit = min(size, MAX_CHAIN_DESCRIPTORS)
         #: True when the last :meth:`drain` stopped at its budget with chains left (serve them later).
         self.deferred = False
 
@@ -436,20 +436,21 @@ class SplitQueue:
                 return
 
     def _walk(self, head: int, readable: list[tuple[int, int]], writable: list[tuple[int, int]]) -> None:
-        """Collect the chain's buffers and check them with one call over the span they cover (guest RAM
-        in one region holds all of them iff it holds the span)."""
+        """Collect the chain's buffers and check them with one call: RAM in one region from 0 up to the
+        highest buffer end holds every buffer (the usual case); otherwise each is checked on its own."""
         view, contains = self._view, self._contains
-        lo = self._ram_top  # any buffer above it fails the span check through ``hi`` anyway
-        hi = 0
+        hi = 0  # the highest end of a buffer: guest RAM from 0 up to it holds every buffer
         table = self._desc
         table_size = self.size
-        ttl = table_size
+        ttl = self._direct_limit
         index = head
         in_indirect = False
         unpack = DESC.unpack_from
         while True:
             if ttl == 0:
-                raise ChainLoopError(head, f"more than {table_size} descriptors: the chain loops")
+                raise ChainLoopError(
+                    head, f"more than {min(table_size, MAX_CHAIN_DESCRIPTORS)} descriptors: it loops"
+                )
             ttl -= 1
             addr, length, flags, nxt = unpack(table, index * DESC_SIZE)
             if flags & VIRTQ_DESC_F_INDIRECT:
@@ -476,10 +477,9 @@ class SplitQueue:
                 index = 0
                 in_indirect = True
                 continue
-            if addr < lo:
-                lo = addr
-            if addr + length > hi:
-                hi = addr + length
+            end = addr + length
+            if end > hi:
+                hi = end
             if flags & VIRTQ_DESC_F_WRITE:
                 writable.append((addr, length))
             elif writable:
@@ -487,9 +487,9 @@ class SplitQueue:
             else:
                 readable.append((addr, length))
             if not flags & VIRTQ_DESC_F_NEXT:
-                if (in_indirect or self._long_ring) and len(readable) + len(writable) > MAX_CHAIN_DESCRIPTORS:
+                if in_indirect and len(readable) + len(writable) > MAX_CHAIN_DESCRIPTORS:
                     raise ChainTooLongError(f"chain {head}: more than {MAX_CHAIN_DESCRIPTORS} descriptors")
-                if not contains(lo, hi - lo):  # one check of the span; then the buffers one by one
+                if not contains(0, hi):  # one check for the span; the buffers one by one only if it fails
                     self._outside(head, readable, writable)
                 return
             if nxt >= table_size:
