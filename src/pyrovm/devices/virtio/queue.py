@@ -404,7 +404,7 @@ class SplitQueue:
         draining stops: whoever called the device serves the rest later, so that one notification cannot
         hold the I/O thread for long.
         """
-        pop = self.pop
+        pop, avail_hdr, state = self.pop, self._avail_hdr, self.state
         self.deferred = False
         event_idx = self.event_idx
         while True:
@@ -432,7 +432,11 @@ class SplitQueue:
                 raise
             if batch and not serve(self, batch):
                 return
-            if self.deferred or not self.enable_notification():
+            if self.deferred:
+                return
+            if batch and avail_hdr[1] != state.next_avail:
+                continue  # more came while serving: go on with notifications still off
+            if not self.enable_notification():
                 return
 
     def _walk(self, head: int, readable: list[tuple[int, int]], writable: list[tuple[int, int]]) -> None:
