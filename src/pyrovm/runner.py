@@ -1,10 +1,10 @@
 """``pyrovm run`` from a parsed command line to an exit status: the VM's life under signals, the
 terminal, boot timing and metrics files.
 
-Signal handlers only record the signal and wake a worker thread, which does the work: ``SIGUSR1`` writes
-the metrics file (atomically, one write at a time), ``SIGTERM``/``SIGHUP``/``SIGINT`` stop the VM (the
-first one; more are harmless).  The handlers stay installed to the end of the process, so a signal at any
-moment (start-up, shutdown, a burst) never kills pyrovm half-way.
+Signals reach a worker thread through a pipe (no work is done in a signal handler), and the thread acts:
+``SIGUSR1`` writes the metrics file (atomically, one write at a time), ``SIGTERM``/``SIGHUP``/``SIGINT``
+stop the VM (the first one; more are harmless).  The handlers stay installed to the end of the process,
+so a signal at any moment (start-up, shutdown, a burst) never kills pyrovm half-way.
 """
 
 from __future__ import annotations
@@ -30,30 +30,25 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
 
 def write_metrics(vm: VM, path: str) -> bool:
-    """Write *vm*'s metrics to *path* atomically (a private temporary file renamed over it); False, with
-    one error line logged and nothing left behind, when it cannot be written."""
-    if _is_device(path):  # /dev/null, /dev/stderr...: written in place
-        try:
-            with open(path, "w") as f:
-                json.dump(vm.metrics(), f, indent=2)
-                f.write("\n")
-            return True
-        except OSError as exc:
-            log.error("cannot write metrics to %s: %s", path, exc.strerror or exc)
-            return False
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    """Write *vm*'s metrics to *path* atomically (a private temporary file renamed over it; a character
+    device such as ``/dev/null`` is written in place); False, with one error line logged and nothing left
+    behind, when it cannot be written."""
+    text = json.dumps(vm.metrics(), indent=2) + "\n"
+    in_place = _is_device(path)
+    target = path if in_place else f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
-        with open(tmp, "w") as f:
-            json.dump(vm.metrics(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
+        with open(target, "w") as f:
+            f.write(text)
+        if not in_place:
+            os.replace(target, path)
         return True
     except OSError as exc:
         log.error("cannot write metrics to %s: %s", path, exc.strerror or exc)
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        if not in_place:
+            try:
+                os.unlink(target)
+            except OSError:
+                pass
         return False
 
 
