@@ -776,3 +776,21 @@ def test_validate_is_pure(tmp_path: Path) -> None:
     before = sorted(p.name for p in tmp_path.iterdir())
     cfg.validate()
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"kernel": "a\0b"},
+        {"initrd": "i\0"},
+        {"metrics_path": "m\0"},
+        {"console": "file:c\0"},
+        {"disks": ("d\0",)},
+    ],
+)
+def test_a_nul_byte_in_a_path_is_a_config_error(tmp_path: Path, changes: dict[str, object]) -> None:
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"\x7fELF" + bytes(100))
+    config = VmConfig(kernel=kernel).replace(**changes)
+    with pytest.raises(ConfigError, match="not a usable path"):
+        config.validate()

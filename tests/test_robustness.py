@@ -426,3 +426,20 @@ def test_disk_create_stopped_by_a_signal_leaves_nothing(tmp_path: Path) -> None:
     assert proc.returncode == 143, err
     assert b"Traceback" not in err
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("option", ["--metrics", "--console", "--disk", "--initrd", "--kernel"])
+def test_a_name_too_long_is_bad_input(files: dict[str, Path], option: str) -> None:
+    long = str(files["dir"] / ("n" * 300))
+    value = f"file:{long}" if option == "--console" else long
+    args = ["--kernel", str(files["kernel"])] if option != "--kernel" else []
+    p = run("run", *args, "--cmdline", "test=hello", option, value)
+    _one_line_error(p, 2, "File name too long" if option in ("--metrics", "--console") else "")
+
+
+def test_disk_create_name_too_long_or_under_a_file(tmp_path: Path) -> None:
+    _one_line_error(run("disk", "create", str(tmp_path / ("n" * 300)), "--size", "4M"), 2, "too long")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _one_line_error(run("disk", "create", str(afile / "x.img"), "--size", "4M"), 2, "no such directory")
+    assert [x.name for x in tmp_path.iterdir()] == ["afile"]

@@ -377,6 +377,8 @@ def _stat(path: Path, what: str) -> os.stat_result:
         raise ConfigError(f"{what}: no such file") from exc
     except OSError as exc:
         raise ConfigError(f"{what}: {exc.strerror}") from exc
+    except ValueError as exc:  # a NUL byte in the path
+        raise ConfigError(f"{what}: not a usable path ({exc})") from exc
 
 
 def _readable_file(path: Path, what: str, memory: int) -> None:
@@ -392,21 +394,33 @@ def _readable_file(path: Path, what: str, memory: int) -> None:
 def _writable_path(path: Path, what: str) -> None:
     """An output file: a regular file (made or replaced) or a character device (written in place, such as
     ``/dev/null``); never a directory, FIFO or socket (opening a FIFO would wait for a reader)."""
-    if path.is_dir():
-        raise ConfigError(f"{what}: is a directory")
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        mode = None
-    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):
-        raise ConfigError(f"{what}: not a regular file or character device")
+    st = _stat_or_none(path, what)
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"{what}: is a directory")
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+            raise ConfigError(f"{what}: not a regular file or character device")
+        if not os.access(path, os.W_OK):
+            raise ConfigError(f"{what}: not writable")
+        return
     parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
+    pst = _stat_or_none(parent, f"{what}: directory {parent}")
+    if pst is None or not stat.S_ISDIR(pst.st_mode):
         raise ConfigError(f"{what}: directory {parent} does not exist")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise ConfigError(f"{what}: not writable")
-    if not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
+    if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"{what}: directory {parent} is not writable")
+
+
+def _stat_or_none(path: Path, what: str) -> os.stat_result | None:
+    """``os.stat``; None when nothing is there, ConfigError for any other failure (a name too long...)."""
+    try:
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise ConfigError(f"{what}: {exc.strerror}") from exc
+    except ValueError as exc:  # a NUL byte in the path
+        raise ConfigError(f"{what}: not a usable path ({exc})") from exc
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -414,6 +428,6 @@ def _same_file(a: Path, b: Path) -> bool:
         if a.resolve() == b.resolve():
             return True
         sa, sb = os.stat(a), os.stat(b)
-    except OSError:
+    except (OSError, ValueError):
         return False
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)

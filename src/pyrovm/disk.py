@@ -9,10 +9,11 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import PyrovmError
@@ -72,13 +73,14 @@ def create_disk(
             raise DiskError(f"label {label!r} is longer than 16 bytes")
     except UnicodeEncodeError as exc:
         raise DiskError(f"label {label!r} is not valid UTF-8") from exc
-    if from_dir is not None and not Path(from_dir).is_dir():
+    if from_dir is not None and not _kind(Path(from_dir), stat.S_ISDIR):
         raise DiskError(f"{from_dir}: no such directory")
-    if target.exists() and not force:
+    exists = _kind(target, lambda mode: True)
+    if exists and not force:
         raise DiskError(f"{target}: already exists (use --force to overwrite)")
-    if target.exists() and not target.is_file():
+    if exists and not _kind(target, stat.S_ISREG):
         raise DiskError(f"{target}: not a regular file")
-    if not target.parent.is_dir():
+    if not _kind(target.parent, stat.S_ISDIR):
         raise DiskError(f"{target.parent}: no such directory")
     mkfs = find_mkfs()
     with _locked_if_exists(target):
@@ -90,6 +92,17 @@ def create_disk(
             tmp.unlink(missing_ok=True)
             raise
     return target
+
+
+def _kind(path: Path, test: Callable[[int], bool]) -> bool:
+    """True when *path* exists and its mode passes *test*; DiskError for a path that cannot be looked at
+    (a name too long, no permission)."""
+    try:
+        return test(os.stat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        raise DiskError(f"{path}: {exc.strerror}") from exc
 
 
 @contextlib.contextmanager
