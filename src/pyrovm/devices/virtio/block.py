@@ -139,13 +139,15 @@ class _Status(Exception):
 # -- requests, parsed once ------------------------------------------------------------------------------
 class BlockRequest(tuple):  # type: ignore[type-arg]
     """One virtio-blk request, parsed once from its chain (both the merge path and the single path use it):
-    ``(chain, rtype, sector, data, nbytes, status, error, why)``.
+    ``(chain, rtype, sector, data, nbytes, status, error, why, plain)``.
 
     ``data``: the data buffers (after the header for OUT; before the status byte for IN, GET_ID and the
     other types), ``nbytes`` bytes in all; ``status``: a 1-byte view of the status byte (None when the
     chain has no writable byte for it); ``error``: the status to complete with when the request is
-    malformed (``why`` says how), None when it is well formed.  A tuple, because the hot path makes one
-    per request and unpacks it: cheaper than an object with attributes, which the slow paths still read.
+    malformed (``why`` says how), None when it is well formed; ``plain``: a valid read or write of whole
+    sectors inside the disk (one that can be merged with its neighbours).  A tuple, because the hot path
+    makes one per request and indexes it: cheaper than an object with attributes (the slow paths read
+    those names).
     """
 
     __slots__ = ()
@@ -158,6 +160,7 @@ class BlockRequest(tuple):  # type: ignore[type-arg]
     status: memoryview | None = property(itemgetter(5))  # type: ignore[assignment]
     error: int | None = property(itemgetter(6))  # type: ignore[assignment]
     why: str = property(itemgetter(7))  # type: ignore[assignment]
+    plain: bool = property(itemgetter(8))  # type: ignore[assignment]
 
 
 _tuple_new = tuple.__new__
@@ -173,16 +176,17 @@ def _request(
     error: int | None = None,
     why: str = "",
 ) -> BlockRequest:
-    return _tuple_new(BlockRequest, (chain, rtype, sector, data, nbytes, status, error, why))  # type: ignore[no-any-return]
+    return _tuple_new(BlockRequest, (chain, rtype, sector, data, nbytes, status, error, why, False))  # type: ignore[no-any-return]
 
 
 _HEADER_SIZE = REQ_HEADER.size
 _unpack_header = REQ_HEADER.unpack_from
 
 
-def parse_request(chain: DescriptorChain) -> BlockRequest:
-    """Header, data buffers and status byte of *chain*.  The usual layouts (header alone, then one data
-    buffer, then the status byte alone) skip the generic scatter-list cuts."""
+def parse_request(chain: DescriptorChain, disk_size: int = 0, read_only: bool = True) -> BlockRequest:
+    """Header, data buffers and status byte of *chain*, and whether it is a plain read or write inside a
+    disk of *disk_size* bytes (*read_only*: writes are not).  The usual layouts (header alone, then one
+    data buffer, then the status byte alone) skip the generic scatter-list cuts."""
     writable = chain.writable
     readable = chain.readable
     view = chain.view
@@ -197,12 +201,30 @@ def parse_request(chain: DescriptorChain) -> BlockRequest:
         rtype, _, sector = _unpack_header(view(readable[0][0], _HEADER_SIZE))
         if rtype == VIRTIO_BLK_T_IN and len(writable) == 2:
             gpa, n = writable[0]
-            status = view(writable[1][0], 1)
-            return _tuple_new(BlockRequest, (chain, rtype, sector, [view(gpa, n)], n, status, None, ""))  # type: ignore[no-any-return]
+            plain = n and not n % SECTOR_SIZE and (sector << SECTOR_SHIFT) + n <= disk_size
+            fields = (chain, rtype, sector, [view(gpa, n)], n, view(writable[1][0], 1), None, "", plain)
+            return _tuple_new(BlockRequest, fields)  # type: ignore[no-any-return]
         if rtype == VIRTIO_BLK_T_OUT and len(readable) == 2:
             gpa, n = readable[1]
-            status = view(writable[0][0], 1)
-            return _tuple_new(BlockRequest, (chain, rtype, sector, [view(gpa, n)], n, status, None, ""))  # type: ignore[no-any-return]
+            plain = not read_only and n and not n % SECTOR_SIZE and (sector << SECTOR_SHIFT) + n <= disk_size
+            fields = (chain, rtype, sector, [view(gpa, n)], n, view(writable[0][0], 1), None, "", plain)
+            return _tuple_new(BlockRequest, fields)  # type: ignore[no-any-return]
+    req = _parse_any(chain, readable, writable, view)
+    _, rtype, sector, data, nbytes, _, error, _, _ = req
+    if error is None and (rtype == VIRTIO_BLK_T_IN or (rtype == VIRTIO_BLK_T_OUT and not read_only)):
+        if nbytes and not nbytes % SECTOR_SIZE and (sector << SECTOR_SHIFT) + nbytes <= disk_size:
+            if len(data) <= _IOV_MAX:
+                return _tuple_new(BlockRequest, (*req[:8], True))  # type: ignore[no-any-return]
+    return req
+
+
+def _parse_any(
+    chain: DescriptorChain,
+    readable: list[tuple[int, int]],
+    writable: list[tuple[int, int]],
+    view: Callable[[int, int], memoryview],
+) -> BlockRequest:
+    """:func:`parse_request` for any layout (``plain`` left False)."""
     if not writable or not writable[-1][1]:
         return _request(chain, -1, 0, [], 0, None, VIRTIO_BLK_S_IOERR, "no writable status byte")
     status_gpa, status_len = writable[-1]
@@ -479,7 +501,16 @@ class VirtioBlock(VirtioDevice):
     def _serve_batch(self, queue: SplitQueue, batch: list[DescriptorChain | ChainError]) -> bool:
         """Serve *batch*, merging runs of adjacent plain reads (or writes) into one syscall; everything is
         completed, in order, when it returns (also when it raises)."""
-        read_only, size, serve_run = self.read_only, self.size, self._serve_run
+        size, read_only = self.size, self.read_only
+        if len(batch) == 1 and type(batch[0]) is DescriptorChain:  # the usual case at queue depth 1
+            req = parse_request(batch[0], size, read_only)
+            if req[8]:
+                start = req[2] << SECTOR_SHIFT
+                self._serve_run(queue, [req], req[1] == VIRTIO_BLK_T_OUT, start, start + req[4])
+            else:
+                queue.add_used(req[0].head, self.serve(req))
+            return True
+        serve_run = self._serve_run
         # the held run: its requests, how many buffers they have, direction and byte range
         run: list[BlockRequest] = []
         nviews = start = end = 0
@@ -491,32 +522,24 @@ class VirtioBlock(VirtioDevice):
                         run = serve_run(queue, run, is_write, start, end)
                     self.chain_failed(queue, chain)  # type: ignore[arg-type]
                     continue
-                req = parse_request(chain)
-                _, rtype, sector, data, nbytes, _, error, _ = req
-                offset = sector << SECTOR_SHIFT
-                if (
-                    error is None
-                    and (rtype == VIRTIO_BLK_T_IN or (rtype == VIRTIO_BLK_T_OUT and not read_only))
-                    and nbytes
-                    and not nbytes % SECTOR_SIZE
-                    and offset + nbytes <= size
-                    and len(data) <= _IOV_MAX
-                ):  # a plain valid read or write: held, to be merged with the next ones
-                    write = rtype == VIRTIO_BLK_T_OUT
+                req = parse_request(chain, size, read_only)
+                if req[8]:  # a plain valid read or write: held, to be merged with the next ones
+                    offset, nbytes, n = req[2] << SECTOR_SHIFT, req[4], len(req[3])
+                    write = req[1] == VIRTIO_BLK_T_OUT
                     if (
                         run
                         and offset == end
                         and write == is_write
-                        and nviews + len(data) <= _IOV_MAX
+                        and nviews + n <= _IOV_MAX
                         and end - start + nbytes <= MERGE_MAX_BYTES
                     ):  # it continues the run
                         run.append(req)
-                        nviews += len(data)
+                        nviews += n
                         end += nbytes
                     else:
                         if run:
                             serve_run(queue, run, is_write, start, end)
-                        run, nviews, is_write, start, end = [req], len(data), write, offset, offset + nbytes
+                        run, nviews, is_write, start, end = [req], n, write, offset, offset + nbytes
                     continue
                 if run:  # anything else is a barrier: what is held goes first
                     run = serve_run(queue, run, is_write, start, end)
@@ -557,7 +580,7 @@ class VirtioBlock(VirtioDevice):
         return []
 
     def handle_chain(self, queue_index: int, queue: SplitQueue, chain: DescriptorChain) -> int:
-        return self.serve(parse_request(chain))
+        return self.serve(parse_request(chain, self.size, self.read_only))
 
     def serve(self, req: BlockRequest) -> int:
         """Serve one request on its own and write its status; returns the bytes written into the chain."""
