@@ -443,3 +443,23 @@ def test_disk_create_name_too_long_or_under_a_file(tmp_path: Path) -> None:
     afile.write_text("x")
     _one_line_error(run("disk", "create", str(afile / "x.img"), "--size", "4M"), 2, "no such directory")
     assert [x.name for x in tmp_path.iterdir()] == ["afile"]
+
+
+def test_sigusr1_storm_through_build_and_run(files: dict[str, Path]) -> None:
+    """Signals interrupt KVM's ioctls while the VM is built (EINTR): they are made again, the VM boots."""
+    metrics = files["dir"] / "m.json"
+    for _ in range(8):
+        proc = _spawn(files["kernel"], "test=hello", "--metrics", str(metrics), "--timeout", "30")
+        while not _caught(proc.pid, signal.SIGUSR1):
+            assert proc.poll() is None
+            time.sleep(0.0005)
+        while proc.poll() is None:  # a signal every ~0.2 ms until the VM has run and pyrovm has exited
+            try:
+                proc.send_signal(signal.SIGUSR1)
+            except ProcessLookupError:
+                break
+            time.sleep(0.0002)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 1, err  # the guest's status 0: (0 << 1) | 1
+        assert b"Traceback" not in err and b"refused" not in err
+        assert json.loads(metrics.read_text())["exit"]["guest_status"] == 0

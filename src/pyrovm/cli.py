@@ -83,13 +83,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     signals = SignalWorker(args.metrics)
     signals.install()  # first: a signal during start-up must not kill the VMM
     try:
-        vm = VM.from_config(_run_config(args))
-    except KvmError as exc:
-        return _fail(f"KVM refused to build the VM: {exc}")
-    except PyrovmError as exc:
-        return _fail(str(exc))
-    signals.attach(vm)
-    return run_vm(vm, args, signals, _START)
+        try:
+            vm = VM.from_config(_run_config(args))
+        except KvmError as exc:
+            return _fail(f"KVM refused to build the VM: {exc}")
+        except PyrovmError as exc:
+            return _fail(str(exc))
+        signals.attach(vm)
+        return run_vm(vm, args, signals, _START)
+    finally:
+        signals.ignore()  # to the very end: the interpreter's exit would put the default actions back
 
 
 DEFAULT_BOOT_MARKER = "Run /init as init process"

@@ -82,6 +82,12 @@ class SignalWorker:
             signal.signal(sig, _ignore)
         self._thread.start()
 
+    def ignore(self) -> None:
+        """Nothing more to do: ignore the signals from now on (set as ignored, they stay so while Python
+        shuts down, which puts the default action back on signals that have a Python handler)."""
+        for sig in (signal.SIGUSR1, *STOP_SIGNALS):
+            signal.signal(sig, signal.SIG_IGN)
+
     def attach(self, vm: VM) -> None:
         """The VM exists: signals from now on (and a stop signal that came before) act on it."""
         self._vm = vm

@@ -47,20 +47,28 @@ _libc.ioctl.restype = ctypes.c_int
 
 def _ioctl_ulong(fd: int, request: int, arg: int, what: str) -> int:
     """An ioctl whose argument is an unsigned long value (fcntl.ioctl takes only a C int)."""
-    ret = _libc.ioctl(fd, request, arg)
-    if ret < 0:
+    while True:
+        ret = _libc.ioctl(fd, request, arg)
+        if ret >= 0:
+            return int(ret)
         err = ctypes.get_errno()
-        raise KvmError(err, f"{what}: {os.strerror(err)}")
-    return int(ret)
+        if err != errno.EINTR:
+            raise KvmError(err, f"{what}: {os.strerror(err)}")
 
 
 def _ioctl(fd: int, request: int, arg: object = 0, what: str = "") -> int:
+    """``ioctl(2)`` on a KVM fd; a call a signal interrupted (EINTR, e.g. ``KVM_CREATE_VM`` while the
+    process gets SIGUSR1) is made again; any other failure is a :class:`KvmError`.  (``KVM_RUN`` has its
+    own path: there EINTR is the kick.)"""
     if isinstance(arg, int) and arg > 0x7FFFFFFF:
         return _ioctl_ulong(fd, request, arg, what)
-    try:
-        return fcntl.ioctl(fd, request, arg)  # type: ignore[call-overload, no-any-return]
-    except OSError as exc:
-        raise KvmError(exc.errno, f"{what or hex(request)}: {os.strerror(exc.errno or 0)}") from exc
+    while True:
+        try:
+            return fcntl.ioctl(fd, request, arg)  # type: ignore[call-overload, no-any-return]
+        except InterruptedError:
+            continue
+        except OSError as exc:
+            raise KvmError(exc.errno, f"{what or hex(request)}: {os.strerror(exc.errno or 0)}") from exc
 
 
 def is_pvm_host() -> bool:
@@ -124,12 +132,12 @@ class Kvm:
             buf = s.cpuid2_type(n)()
             buf.nent = n
             try:
-                fcntl.ioctl(self.fd, c.KVM_GET_SUPPORTED_CPUID, buf)
-            except OSError as exc:
+                _ioctl(self.fd, c.KVM_GET_SUPPORTED_CPUID, buf, "KVM_GET_SUPPORTED_CPUID")
+            except KvmError as exc:
                 if exc.errno == errno.E2BIG and n < 4096:
                     n *= 2
                     continue
-                raise KvmError(exc.errno, "KVM_GET_SUPPORTED_CPUID failed") from exc
+                raise
             return [buf.entries[i] for i in range(buf.nent)]
 
     def msr_index_list(self) -> list[int]:
@@ -139,12 +147,12 @@ class Kvm:
             buf = s.msr_list_type(n)()
             buf.nmsrs = n
             try:
-                fcntl.ioctl(self.fd, c.KVM_GET_MSR_INDEX_LIST, buf)
-            except OSError as exc:
+                _ioctl(self.fd, c.KVM_GET_MSR_INDEX_LIST, buf, "KVM_GET_MSR_INDEX_LIST")
+            except KvmError as exc:
                 if exc.errno == errno.E2BIG and n < 8192:
                     n *= 4
                     continue
-                raise KvmError(exc.errno, "KVM_GET_MSR_INDEX_LIST failed") from exc
+                raise
             return list(buf.indices[: buf.nmsrs])
 
     def create_vm(self) -> Vm:
