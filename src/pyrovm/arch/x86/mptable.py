@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from pyrovm.errors import ConfigError
+from pyrovm.errors import ConfigError, GuestError
 from pyrovm.memory import GuestMemory
 
 from . import layout
@@ -94,6 +94,10 @@ def write(mem: GuestMemory, cpus: int, addr: int = layout.MPTABLE_START) -> int:
     return len(data)
 
 
+class MpTableError(GuestError, ValueError):
+    """An MP table image that does not parse (bad signature, checksum, length or entry type)."""
+
+
 @dataclass
 class ParsedMpTable:
     """What :func:`parse` reads back (for tests and debugging)."""
@@ -112,13 +116,13 @@ def parse(data: bytes, addr: int = layout.MPTABLE_START) -> ParsedMpTable:
     """Parse an MP table image that starts at guest address *addr*; checks signatures and checksums."""
     sig, table_addr, length16, _rev, _ck, feature1, _ = FLOATING.unpack_from(data)
     if sig != FLOATING_SIG or length16 != 1 or sum(data[:16]) & 0xFF:
-        raise ValueError("bad MP floating pointer (signature, length or checksum)")
+        raise MpTableError("bad MP floating pointer (signature, length or checksum)")
     if feature1 != 0:
-        raise ValueError("MP floating pointer names a default configuration, not a table")
+        raise MpTableError("MP floating pointer names a default configuration, not a table")
     off = table_addr - addr
     tsig, length, _rev, _ck, oem, _prod, _oemp, _oems, count, lapic, *_ = HEADER.unpack_from(data, off)
     if tsig != TABLE_SIG or sum(data[off : off + length]) & 0xFF:
-        raise ValueError("bad MP configuration table (signature or checksum)")
+        raise MpTableError("bad MP configuration table (signature or checksum)")
     out = ParsedMpTable(table_addr, oem, lapic, [], [], [], [], [])
     pos = off + HEADER.size
     for _ in range(count):
@@ -144,7 +148,7 @@ def parse(data: bytes, addr: int = layout.MPTABLE_START) -> ParsedMpTable:
             out.local_interrupts.append((itype, flags, dst, lint))
             pos += INTSRC.size
         else:
-            raise ValueError(f"unknown MP table entry type {kind}")
+            raise MpTableError(f"unknown MP table entry type {kind}")
     if pos - off != length:
-        raise ValueError("MP table length does not match its entries")
+        raise MpTableError("MP table length does not match its entries")
     return out

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from pyrovm.devices.virtio.device import VIRTIO_ID_RNG, VirtioDevice, VirtioDeviceState
 from pyrovm.devices.virtio.queue import DescriptorChain, SplitQueue
+from pyrovm.errors import ConfigError
 
 #: The most bytes one request gets (the device may fill less than the driver offers).
 MAX_REQUEST_BYTES = 64 * 1024
@@ -51,9 +52,11 @@ class VirtioRng(VirtioDevice):
         super().__init__(name, [queue_size])
         if rate_bytes_per_s is not None:
             if rate_bytes_per_s <= 0:
-                raise ValueError("rate_bytes_per_s must be positive")
+                raise ConfigError(
+                    f"virtio-rng rate {rate_bytes_per_s}: must be a positive number of bytes a second"
+                )
             if scheduler is None:
-                raise ValueError(
+                raise ConfigError(
                     "a rate-limited virtio-rng needs a scheduler (the event loop) for its timers"
                 )
         self.rate = rate_bytes_per_s
