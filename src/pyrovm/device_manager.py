@@ -214,8 +214,6 @@ class DeviceManager:
         if self.loop.running:
             self.loop.stop()
         for s in self.slots:
-            for _, efd in s.notify_fds:
-                self.loop.remove_reader(efd.fd)
             self._release_fds(s.irq_fd, s.notify_fds)
             close = getattr(s.transport.device, "close", None)
             if close is not None:

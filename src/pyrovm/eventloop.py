@@ -215,10 +215,6 @@ class EventLoop:
         self._unpark.set()
 
     @property
-    def paused(self) -> bool:
-        return not self._unpark.is_set()
-
-    @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
