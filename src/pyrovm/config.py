@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .arch.x86 import layout
 from .errors import ConfigError
 from .loader.cmdline import Cmdline
 from .loader.kernel import BOOT_MODES
@@ -30,7 +31,7 @@ DEFAULT_MEMORY = 128 << 20
 MIN_MEMORY = 8 << 20
 MAX_CPUS = 254  # 8-bit APIC ids, and the IOAPIC's id after them in the MP table
 #: The generic kernel command-line limit (a bzImage may accept less: checked when it is loaded).
-CMDLINE_LIMIT = 0xFFFF
+CMDLINE_LIMIT = layout.CMDLINE_MAX_SIZE - 1
 SERIAL_MAX = 20  # virtio-blk id bytes
 
 

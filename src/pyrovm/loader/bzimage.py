@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Protocol
 
 from pyrovm.memory import GuestMemory, GuestMemoryError
 
@@ -120,8 +121,14 @@ def parse_header(data: bytes, name: str = "kernel") -> BzImageHeader:
     return hdr
 
 
-def check_cmdline(hdr: BzImageHeader, cmdline: bytes, name: str = "kernel") -> None:
-    """The command line (without its NUL) must fit the kernel's ``cmdline_size``."""
+class _HasCmdlineSize(Protocol):
+    @property
+    def cmdline_size(self) -> int: ...
+
+
+def check_cmdline(hdr: _HasCmdlineSize, cmdline: bytes, name: str = "kernel") -> None:
+    """The command line (without its NUL) must fit the kernel's ``cmdline_size`` (a setup header's, or a
+    loaded kernel's :class:`~pyrovm.arch.x86.boot.KernelEntry`)."""
     if len(cmdline) > hdr.cmdline_size:
         raise KernelLoadError(
             f"{name}: kernel command line is {len(cmdline)} bytes, "

@@ -8,8 +8,10 @@ from pyrovm.arch.x86 import layout
 from pyrovm.arch.x86.boot import KernelEntry
 from pyrovm.memory import GuestMemory
 
-from .bzimage import is_bzimage, load_bzimage
+from .bzimage import check_cmdline, is_bzimage, load_bzimage
 from .elf import KernelLoadError, is_elf, load_elf
+
+__all__ = ["BOOT_MODES", "check_cmdline", "load_kernel"]
 
 BOOT_MODES = ("auto", "pvh", "linux64")
 
@@ -50,12 +52,3 @@ def load_kernel(memory: GuestMemory, data: bytes, name: str, boot: str = "auto")
             "and it has no PVH note"
         )
     return KernelEntry("linux64", elf.entry64, elf.load_end)
-
-
-def check_cmdline(kernel: KernelEntry, cmdline: bytes, name: str) -> None:
-    """The command line (without its NUL) must fit what *kernel* takes."""
-    if len(cmdline) > kernel.cmdline_size:
-        raise KernelLoadError(
-            f"{name}: kernel command line is {len(cmdline)} bytes, "
-            f"this kernel takes at most {kernel.cmdline_size}"
-        )
