@@ -292,59 +292,40 @@ class VmConfig:
         fields = _object(data, "config", names)
         if "kernel" not in fields:
             raise ConfigError("config: 'kernel' is required")
-        kwargs: dict[str, Any] = {}
-        for name, value in fields.items():
-            kwargs[name] = _JSON_FIELDS[name](value)
-        return cls(**kwargs)
+        return cls(**{name: _json_field(name, value) for name, value in fields.items()})
 
 
-def _opt(kind: Any, convert: Any = None) -> Any:
-    def parse(value: Any, name: str) -> Any:
-        if value is None:
-            return None
-        value = _typed(value, kind, name)
-        return convert(value) if convert else value
-
-    return parse
-
-
-def _req(kind: Any, convert: Any = None) -> Any:
-    def parse(value: Any, name: str) -> Any:
-        value = _typed(value, kind, name)
-        return convert(value) if convert else value
-
-    return parse
-
-
-def _disk_list(value: Any, name: str) -> tuple[DiskSpec, ...]:
-    return tuple(DiskSpec.from_json(d) for d in _typed(value, list, name))
-
-
-def _named(parsers: dict[str, Any]) -> dict[str, Any]:
-    return {name: (lambda value, p=p, name=name: p(value, name)) for name, p in parsers.items()}
+#: JSON type of each plain field and whether it may be null (paths are strings: ``__post_init__`` makes
+#: them Paths; ``disks`` and ``rootfs`` are DiskSpec objects, read by :meth:`DiskSpec.from_json`).
+_JSON_FIELDS: dict[str, tuple[Any, bool]] = {
+    "kernel": (str, False),
+    "memory": (int, False),
+    "cpus": (int, False),
+    "cmdline": (str, False),
+    "initrd": (str, True),
+    "boot": (str, False),
+    "cpu_vendor": (str, True),
+    "rng": (bool, False),
+    "rng_rate": (int, True),
+    "host_workarounds": (bool, False),
+    "boot_marker": (str, True),
+    "console": (str, False),
+    "metrics_path": (str, True),
+    "timeout": (int | float, True),
+    "kvm_device": (str, False),
+}
 
 
-_JSON_FIELDS: dict[str, Any] = _named(
-    {
-        "kernel": _req(str, Path),
-        "memory": _req(int),
-        "cpus": _req(int),
-        "cmdline": _req(str),
-        "initrd": _opt(str, Path),
-        "boot": _req(str),
-        "cpu_vendor": _opt(str),
-        "disks": _disk_list,
-        "rootfs": lambda value, name: None if value is None else DiskSpec.from_json(value),
-        "rng": _req(bool),
-        "rng_rate": _opt(int),
-        "host_workarounds": _req(bool),
-        "boot_marker": _opt(str),
-        "console": _req(str),
-        "metrics_path": _opt(str, Path),
-        "timeout": _opt(int | float, float),
-        "kvm_device": _req(str),
-    }
-)
+def _json_field(name: str, value: Any) -> Any:
+    if name == "disks":
+        return tuple(DiskSpec.from_json(d) for d in _typed(value, list, name))
+    if name == "rootfs":
+        return None if value is None else DiskSpec.from_json(value)
+    kind, nullable = _JSON_FIELDS[name]
+    if value is None and nullable:
+        return None
+    value = _typed(value, kind, name)
+    return float(value) if name == "timeout" else value
 
 
 def _object(data: Any, what: str, allowed: set[str]) -> dict[str, Any]:
