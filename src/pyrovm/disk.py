@@ -84,8 +84,16 @@ def create_disk(
         raise DiskError(f"{target.parent}: no such directory")
     mkfs = find_mkfs()
     with _locked_if_exists(target):
-        tmp = _make_sparse(target, nbytes)
+        # no stop signal between the temporary file's creation and the clean-up that removes it: one that
+        # comes meanwhile is delivered once the mask is lifted inside the try below
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
+            tmp = _make_sparse(target, nbytes)
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            raise
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             _mkfs(mkfs, tmp, label, from_dir, target)
             os.replace(tmp, target)
         except BaseException:
@@ -161,15 +169,18 @@ class _Stopped(BaseException):
         self.signum = signum
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
 def _stop_on_signal(signum: int, frame: object) -> None:
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+    for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)  # one is enough: more would interrupt the clean-up
     raise _Stopped(signum)
 
 
 def _create_handler(args: argparse.Namespace) -> int:
     # SIGTERM/SIGHUP/SIGINT unwind like an error, so the temporary image is removed and nothing is left
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+    for sig in _STOP_SIGNALS:
         signal.signal(sig, _stop_on_signal)
     try:
         path = create_disk(args.path, args.size, from_dir=args.from_dir, force=args.force, label=args.label)
