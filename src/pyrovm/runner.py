@@ -19,7 +19,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
-from .result import ExitCode, ExitReason, VmExit
+from .result import ExitReason, VmExit
 
 if TYPE_CHECKING:
     from .vmm import VM
@@ -197,7 +197,7 @@ def run_vm(vm: VM, args: argparse.Namespace, signals: SignalWorker, started: flo
     if timing is not None:
         timing.report_end()
     if signals.stop_signal is not None and (signals.stopped_vm or result.reason is ExitReason.STOPPED):
-        return ExitCode.INTERRUPTED if signals.stop_signal == signal.SIGINT else 128 + signals.stop_signal
+        return 128 + signals.stop_signal  # 130 (ExitCode.INTERRUPTED) for SIGINT
     return _report(vm, result, args)
 
 
