@@ -63,7 +63,7 @@ def _run_config(args: argparse.Namespace) -> VmConfig:
         boot=args.boot,
         disks=tuple(DiskSpec.parse(d) for d in args.disk),
         rootfs=None if args.rootfs is None else DiskSpec.parse(args.rootfs),
-        rng=args.rng or args.rng_rate is not None,
+        rng=args.rng,  # a rate implies it (VmConfig)
         rng_rate=args.rng_rate,
         host_workarounds=args.host_workarounds,
         boot_marker=_boot_marker(args),

@@ -23,6 +23,7 @@ from typing import Any
 
 from .arch.x86 import layout
 from .errors import ConfigError
+from .kvm.system import DEFAULT_KVM_DEVICE
 from .loader.cmdline import Cmdline
 from .loader.kernel import BOOT_MODES
 
@@ -148,7 +149,7 @@ class VmConfig:
     console: str = "none"  # none | stdio | file:PATH
     metrics_path: Path | None = None
     timeout: float | None = None  # seconds; None: no limit
-    kvm_device: str = "/dev/kvm"
+    kvm_device: str = DEFAULT_KVM_DEVICE
 
     def __post_init__(self) -> None:
         # accept lists and plain strings where tuples and Paths belong (frozen: through object.__setattr__)

@@ -23,6 +23,7 @@ from .config import DEFAULT_CMDLINE, DiskSpec, VmConfig, parse_size
 from .console import ConsoleLog
 from .devices.bus import Bus
 from .errors import ConfigError
+from .kvm.system import DEFAULT_KVM_DEVICE
 from .machine import Machine
 from .memory import GuestMemory
 from .result import ExitCode, ExitReason, VmExit
@@ -93,12 +94,12 @@ class VM:
             cpu_vendor=cpu_vendor,
             disks=tuple(DiskSpec.of(d) for d in disks),
             rootfs=None if rootfs is None else DiskSpec.of(rootfs),
-            rng=rng or rng_rate is not None,
+            rng=rng,
             rng_rate=rng_rate,
             host_workarounds=host_workarounds,
             boot_marker=boot_marker,
             console=console if isinstance(console, str) else "none",
-            kvm_device=kvm_path or "/dev/kvm",
+            kvm_device=kvm_path or DEFAULT_KVM_DEVICE,
         )
         self.machine = build(config, console=sink)
 
