@@ -71,6 +71,7 @@ class SignalWorker:
         self._vm: VM | None = None
         self._metrics_lock = threading.Lock()
         self._stop_lock = threading.Lock()
+        self._done = False  # the command ended: no more metrics snapshots (the process is exiting)
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._wfd, False)
         self._thread = threading.Thread(target=self._work, name="pyrovm-signals", daemon=True)
@@ -87,6 +88,8 @@ class SignalWorker:
         shuts down, which puts the default action back on signals that have a Python handler)."""
         for sig in (signal.SIGUSR1, *STOP_SIGNALS):
             signal.signal(sig, signal.SIG_IGN)
+        with self._metrics_lock:  # a snapshot being written is finished, none starts after
+            self._done = True
 
     def attach(self, vm: VM) -> None:
         """The VM exists: signals from now on (and a stop signal that came before) act on it."""
@@ -100,7 +103,8 @@ class SignalWorker:
         vm = self._vm
         if vm is not None and self.metrics_path:
             with self._metrics_lock:
-                write_metrics(vm, self.metrics_path)
+                if not self._done:
+                    write_metrics(vm, self.metrics_path)
 
     def _work(self) -> None:
         while True:
