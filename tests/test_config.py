@@ -21,6 +21,7 @@ from pyrovm.config import (
     MAX_CPUS,
     MIN_MEMORY,
     DiskSpec,
+    NetSpec,
     VmConfig,
     host_memory,
     parse_size,
@@ -104,6 +105,11 @@ def _full(tmp_path: Path) -> VmConfig:
         metrics_path=tmp_path / "metrics.json",
         timeout=12.5,
         kvm_device="/dev/kvm-other",
+        net=(
+            NetSpec.parse("tap=tap7,mac=02:00:00:00:00:07,mtu=9000"),
+            NetSpec.parse("user,hostfwd=udp::5555-:7"),
+        ),
+        name="vm-7",
     )
 
 
@@ -322,6 +328,13 @@ def test_json_round_trip_every_field(tmp_path: Path) -> None:
     assert json.loads(json.dumps(data)) == data
     assert data["disks"][0] == {"path": str(tmp_path / "d1.img"), "read_only": True, "serial": "data-1"}
     assert data["rootfs"] == {"path": str(tmp_path / "root.img"), "read_only": True, "serial": "root"}
+    assert data["net"][1] == {
+        "backend": "user",
+        "tap": None,
+        "mac": None,
+        "mtu": 1500,
+        "hostfwd": ["udp:127.0.0.1:5555-:7"],
+    }
     back = _round_trip(cfg)
     assert back == cfg
     assert isinstance(back.kernel, Path) and isinstance(back.initrd, Path)

@@ -146,6 +146,8 @@ def _create_devices(
         devices.add_disk(spec, i)
     if config.rng:
         devices.add_rng(config.rng_rate)
+    for i, nic in enumerate(config.net):
+        devices.add_net(nic, i, nic.mac_bytes(config.name, i))
     return devices
 
 

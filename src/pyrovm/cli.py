@@ -52,7 +52,7 @@ def _fail(message: str) -> int:
 
 def _run_config(args: argparse.Namespace) -> VmConfig:
     """The VmConfig for ``pyrovm run``'s options."""
-    from .config import DEFAULT_CMDLINE, DiskSpec, VmConfig, parse_size
+    from .config import DEFAULT_CMDLINE, DiskSpec, NetSpec, VmConfig, parse_size
 
     return VmConfig(
         kernel=args.kernel,
@@ -71,6 +71,8 @@ def _run_config(args: argparse.Namespace) -> VmConfig:
         metrics_path=args.metrics,
         timeout=args.timeout,
         kvm_device=args.kvm_device,
+        net=tuple(NetSpec.parse(n) for n in args.net),
+        name=args.name,
     )
 
 
@@ -189,6 +191,22 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         metavar="BYTES_PER_S",
         help="virtio-rng with a byte-rate limit (implies --rng)",
+    )
+    run.add_argument(
+        "--net",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a virtio-net NIC (repeatable; eth0, eth1...): 'tap=NAME[,mac=MAC][,mtu=N]' on a tap device, "
+        "or 'user[,hostfwd=tcp|udp:[HOSTADDR]:HOSTPORT-:GUESTPORT]...[,mac=MAC][,mtu=N]' for rootless "
+        "networking through passt (the guest gets an address by DHCP; HOSTADDR defaults to 127.0.0.1). "
+        "The MAC defaults to one derived from --name and the NIC's index; mtu defaults to 1500",
+    )
+    run.add_argument(
+        "--name",
+        default="pyrovm",
+        help="the VM's name (default 'pyrovm'); default MAC addresses derive from it, so give VMs on one "
+        "network different names",
     )
     run.add_argument(
         "--metrics",

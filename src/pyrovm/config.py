@@ -12,6 +12,7 @@ The builder (:mod:`pyrovm.builder`) turns a validated config into a running mach
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import re
@@ -22,10 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from .arch.x86 import layout
+from .devices.virtio.net import MAX_MTU, MIN_MTU, format_mac, parse_mac
 from .errors import ConfigError
 from .kvm.system import DEFAULT_KVM_DEVICE
 from .loader.cmdline import Cmdline
 from .loader.kernel import BOOT_MODES
+from .netback.passt import PortForward, find_passt, parse_forward
+from .netback.tap import check_ifname
 
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1"
 DEFAULT_MEMORY = 128 << 20
@@ -129,6 +133,122 @@ class DiskSpec:
                 raise ConfigError(f"{what}: serial {self.serial!r}: at most {SERIAL_MAX} ASCII characters")
 
 
+#: passt's largest MTU (the 802.3 maximum less its header).
+PASST_MAX_MTU = 65520
+NET_BACKENDS = ("tap", "user")
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """One virtio-net NIC: ``tap=NAME[,mac=MAC][,mtu=N]`` or ``user[,hostfwd=...][,mac=MAC][,mtu=N]``.
+
+    ``tap``: an existing tap device (created when it does not exist and pyrovm may).  ``user``: rootless
+    user-mode networking through passt, with QEMU-style port forwards
+    ``hostfwd=tcp|udp:[HOSTADDR]:HOSTPORT-:GUESTPORT`` (HOSTADDR defaults to 127.0.0.1).  ``mac``
+    defaults to one derived from the VM's name and the NIC's index; ``mtu`` (default 1500) is announced to
+    the guest (and to passt's DHCP).
+    """
+
+    backend: str  # tap | user
+    tap: str | None = None
+    mac: str | None = None
+    mtu: int = 1500
+    hostfwd: tuple[PortForward, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self,
+            "hostfwd",
+            tuple(f if isinstance(f, PortForward) else parse_forward(f) for f in self.hostfwd),
+        )
+
+    @classmethod
+    def parse(cls, spec: str) -> NetSpec:
+        head, *opts = spec.split(",")
+        if head == "user":
+            backend, tap = "user", None
+        elif head.startswith("tap="):
+            backend, tap = "tap", head[4:]
+        else:
+            raise ConfigError(f"net {spec!r}: use tap=NAME[,mac=MAC][,mtu=N] or user[,hostfwd=...]")
+        mac: str | None = None
+        mtu = 1500
+        forwards: list[PortForward] = []
+        for opt in opts:
+            key, sep, value = opt.partition("=")
+            if key == "mac" and sep:
+                mac = value
+            elif key == "mtu" and sep:
+                if not value.isdigit():
+                    raise ConfigError(f"net {spec!r}: mtu {value!r} is not a number")
+                mtu = int(value)
+            elif key == "hostfwd" and sep and backend == "user":
+                forwards.append(parse_forward(value))
+            else:
+                known = "mac=, mtu=, hostfwd=" if backend == "user" else "mac=, mtu="
+                raise ConfigError(f"net {spec!r}: unknown option {opt!r} ({known})")
+        return cls(backend, tap, mac, mtu, tuple(forwards))
+
+    @classmethod
+    def of(cls, spec: str | NetSpec) -> NetSpec:
+        return spec if isinstance(spec, NetSpec) else cls.parse(spec)
+
+    def mac_bytes(self, vm_name: str, index: int) -> bytes:
+        """The MAC given, or a locally administered one derived from the VM's name and the NIC's index."""
+        if self.mac is not None:
+            return parse_mac(self.mac)
+        return default_mac(vm_name, index)
+
+    def validate(self) -> None:
+        what = f"net {self.backend}" + (f"={self.tap}" if self.tap is not None else "")
+        if self.backend not in NET_BACKENDS:
+            raise ConfigError(f"net backend {self.backend!r}: use tap or user")
+        if self.backend == "tap":
+            check_ifname(self.tap or "")
+            if self.hostfwd:
+                raise ConfigError(f"{what}: hostfwd= is for the user backend")
+        elif self.tap is not None:
+            raise ConfigError(f"{what}: a user NIC has no tap")
+        if self.mac is not None:
+            parse_mac(self.mac)
+        top = PASST_MAX_MTU if self.backend == "user" else MAX_MTU
+        if not isinstance(self.mtu, int) or isinstance(self.mtu, bool) or not MIN_MTU <= self.mtu <= top:
+            raise ConfigError(f"{what}: mtu {self.mtu}: from {MIN_MTU} to {top}")
+        if self.backend == "user":
+            find_passt()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "tap": self.tap,
+            "mac": self.mac,
+            "mtu": self.mtu,
+            "hostfwd": [str(f) for f in self.hostfwd],
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> NetSpec:
+        fields = _object(data, "net", {"backend", "tap", "mac", "mtu", "hostfwd"})
+        if "backend" not in fields:
+            raise ConfigError("net: 'backend' is required")
+        return cls(
+            _typed(fields["backend"], str, "net backend"),
+            _typed(fields.get("tap"), str | None, "net tap"),  # type: ignore[arg-type]
+            _typed(fields.get("mac"), str | None, "net mac"),  # type: ignore[arg-type]
+            _typed(fields.get("mtu", 1500), int, "net mtu"),
+            tuple(
+                _typed(f, str, "net hostfwd") for f in _typed(fields.get("hostfwd", []), list, "net hostfwd")
+            ),
+        )
+
+
+def default_mac(vm_name: str, index: int) -> bytes:
+    """``02:xx:xx:xx:xx:xx`` from a hash of the VM's name and the NIC's index: stable across runs, locally
+    administered, unicast."""
+    digest = hashlib.sha256(f"pyrovm-nic:{vm_name}:{index}".encode()).digest()
+    return b"\x02" + digest[:5]
+
+
 @dataclass(frozen=True)
 class VmConfig:
     """Everything a VM is built from (every option of ``pyrovm run`` and of :class:`pyrovm.VM`)."""
@@ -150,6 +270,8 @@ class VmConfig:
     metrics_path: Path | None = None
     timeout: float | None = None  # seconds; None: no limit
     kvm_device: str = DEFAULT_KVM_DEVICE
+    net: tuple[NetSpec, ...] = ()
+    name: str = "pyrovm"  # the VM's name: default MAC addresses derive from it
 
     def __post_init__(self) -> None:
         # accept lists and plain strings where tuples and Paths belong (frozen: through object.__setattr__)
@@ -157,6 +279,9 @@ class VmConfig:
         if self.initrd is not None:
             object.__setattr__(self, "initrd", Path(self.initrd))
         object.__setattr__(self, "disks", tuple(DiskSpec.of(d) for d in self.disks))
+        if isinstance(self.net, str | NetSpec):
+            object.__setattr__(self, "net", (self.net,))
+        object.__setattr__(self, "net", tuple(NetSpec.of(n) for n in self.net))
         if self.rootfs is not None:
             object.__setattr__(self, "rootfs", DiskSpec.of(self.rootfs))
         if self.metrics_path is not None:
@@ -189,6 +314,7 @@ class VmConfig:
         yield self._check_cpus
         yield self._check_options
         yield self._check_disks
+        yield self._check_net
         yield self._check_outputs
 
     def _check_kernel(self) -> None:
@@ -250,6 +376,35 @@ class VmConfig:
                 raise ConfigError(f"disk {disk.path}: the same image as disk {seen[key]} (given twice)")
             seen[key] = disk.path
 
+    def _check_net(self) -> None:
+        if (
+            not isinstance(self.name, str)
+            or not self.name
+            or len(self.name) > 64
+            or not self.name.isprintable()
+        ):
+            raise ConfigError(f"VM name {self.name!r}: 1 to 64 printable characters")
+        macs: dict[bytes, int] = {}
+        taps: set[str] = set()
+        ports: set[tuple[str, str, int]] = set()
+        for i, nic in enumerate(self.net):
+            nic.validate()
+            mac = nic.mac_bytes(self.name, i)
+            if mac in macs:
+                raise ConfigError(f"net {i}: MAC {format_mac(mac)} is also NIC {macs[mac]}'s")
+            macs[mac] = i
+            if nic.tap is not None:
+                if nic.tap in taps:
+                    raise ConfigError(f"net {i}: tap {nic.tap} is given twice")
+                taps.add(nic.tap)
+            for fwd in nic.hostfwd:
+                key = (fwd.proto, fwd.host_addr, fwd.host_port)
+                if key in ports:
+                    raise ConfigError(
+                        f"hostfwd {fwd}: host port {fwd.host_port}/{fwd.proto} is forwarded twice"
+                    )
+                ports.add(key)
+
     def _check_outputs(self) -> None:
         if self.console not in ("none", "stdio") and self.console_path is None:
             raise ConfigError(f"console {self.console!r}: use stdio, none or file:PATH")
@@ -284,6 +439,8 @@ class VmConfig:
             "metrics_path": None if self.metrics_path is None else str(self.metrics_path),
             "timeout": self.timeout,
             "kvm_device": self.kvm_device,
+            "net": [n.to_json() for n in self.net],
+            "name": self.name,
         }
 
     @classmethod
@@ -314,6 +471,7 @@ _JSON_FIELDS: dict[str, tuple[Any, bool]] = {
     "metrics_path": (str, True),
     "timeout": (int | float, True),
     "kvm_device": (str, False),
+    "name": (str, False),
 }
 
 
@@ -322,6 +480,8 @@ def _json_field(name: str, value: Any) -> Any:
         return tuple(DiskSpec.from_json(d) for d in _typed(value, list, name))
     if name == "rootfs":
         return None if value is None else DiskSpec.from_json(value)
+    if name == "net":
+        return tuple(NetSpec.from_json(n) for n in _typed(value, list, name))
     kind, nullable = _JSON_FIELDS[name]
     if value is None and nullable:
         return None

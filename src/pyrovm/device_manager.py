@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .arch.x86 import layout
-from .config import DiskSpec
+from .config import DiskSpec, NetSpec
 from .devices.boot_timer import BootTimer
 from .devices.bus import Bus
 from .devices.debug_exit import DebugExit
@@ -38,9 +38,11 @@ from .devices.virtio import (
     VirtioRng,
     cmdline_fragment,
 )
+from .devices.virtio.net import FrameBackend, VirtioNet
 from .errors import ConfigError
 from .eventloop import EventFd, EventLoop
 from .memory import GuestMemory
+from .netback import open_tap, start_passt
 
 #: IOAPIC pins free for virtio devices (0 timer, 1 keyboard, 2 cascade, 4 COM1, 8 RTC, 12 mouse, 13 FPU).
 VIRTIO_IRQS = (5, 6, 7, 9, 10, 11, 14, 15, 3, 16, 17, 18, 19, 20, 21, 22, 23)
@@ -97,6 +99,7 @@ class DeviceManager:
         self.mmio_bus = Bus("mmio")
         self.loop = EventLoop()
         self.slots: list[VirtioSlot] = []
+        self._stoppers: list[Callable[[], None]] = []  # host helpers (passt) ended after the devices
         self._closed_metrics: dict[str, dict[str, int]] | None = None
 
     # -- legacy devices ----------------------------------------------------------------------------------
@@ -160,6 +163,24 @@ class DeviceManager:
         dev = VirtioRng(rate_bytes_per_s=rate_bytes_per_s, scheduler=self.loop)
         return self.add_virtio(dev, "virtio-rng")
 
+    def add_net(self, spec: NetSpec, index: int, mac: bytes) -> VirtioSlot:
+        """virtio-net NIC *index* (``eth<index>``) on a tap or on passt; ConfigError when the backend
+        cannot be had (no such tap, passt missing, a port in use)."""
+        name = f"eth{index}"
+        backend: FrameBackend
+        if spec.backend == "tap":
+            backend = open_tap(spec.tap or "")
+        else:
+            passt = start_passt(mac=mac, mtu=spec.mtu, forwards=spec.hostfwd, name=f"passt:{name}")
+            self._stoppers.append(passt.stop)
+            backend = passt.backend
+        try:
+            dev = VirtioNet(backend, mac=mac, mtu=spec.mtu, poller=self.loop, name=name)
+            return self.add_virtio(dev, f"virtio-net:{name}")
+        except BaseException:
+            backend.close()
+            raise
+
     def cmdline_words(self) -> list[str]:
         """The ``virtio_mmio.device=`` words announcing every virtio device."""
         return [cmdline_fragment(s.base, s.irq) for s in self.slots]
@@ -218,6 +239,9 @@ class DeviceManager:
             close = getattr(s.transport.device, "close", None)
             if close is not None:
                 close()
+        for stop in self._stoppers:
+            stop()
+        self._stoppers.clear()
         self.loop.close()
         self.slots.clear()
 

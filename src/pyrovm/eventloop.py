@@ -151,6 +151,34 @@ class EventLoop:
         self._run_in_loop(do)
         return bool(removed and removed[0])
 
+    def watch(self, fd: int, callback: Callback, *, read: bool, write: bool) -> None:
+        """Call *callback* whenever *fd* is readable (*read*) or writable (*write*); neither: stop watching.
+
+        Unlike :meth:`add_reader` it never waits: on the loop thread (or with the loop stopped) the change is
+        made at once, from another thread it is queued for the loop thread, after earlier queued calls.
+        Devices use it to follow their backend's readiness while holding locks the loop thread may want.
+        """
+        events = (selectors.EVENT_READ if read else 0) | (selectors.EVENT_WRITE if write else 0)
+
+        def do() -> None:
+            try:
+                self._selector.get_key(fd)
+                watched = True
+            except (KeyError, ValueError):
+                watched = False
+            if not events:
+                if watched:
+                    self._selector.unregister(fd)
+            elif watched:
+                self._selector.modify(fd, events, callback)
+            else:
+                self._selector.register(fd, events, callback)
+
+        if self._in_loop():
+            do()
+        else:
+            self.call_soon_threadsafe(do)
+
     def call_soon_threadsafe(self, fn: Callback) -> None:
         """Run *fn* on the loop thread as soon as possible (from any thread)."""
         self._ready.append(fn)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .builder import build
-from .config import DEFAULT_CMDLINE, DiskSpec, VmConfig, parse_size
+from .config import DEFAULT_CMDLINE, DiskSpec, NetSpec, VmConfig, parse_size
 from .console import ConsoleLog
 from .devices.bus import Bus
 from .errors import ConfigError
@@ -64,6 +64,8 @@ class VM:
         rng_rate: int | None = None,
         host_workarounds: bool = True,
         boot_marker: str | None = None,
+        net: Sequence[str | NetSpec] = (),
+        name: str = "pyrovm",
     ) -> None:
         """Check the configuration and build the VM (nothing runs until :meth:`start`).
 
@@ -71,7 +73,9 @@ class VM:
         or a binary file object.  *disks*: virtio-blk images (``PATH[,ro][,serial=ID]`` or
         :class:`DiskSpec`), the first is ``/dev/vda``; *rootfs*: a disk put first and booted as the root
         (``root=/dev/vda rw`` is added unless the command line names a root); *rng*: a virtio-rng device,
-        *rng_rate* its byte-rate limit.  Bad input raises :class:`ConfigError` (or its subclass
+        *rng_rate* its byte-rate limit.  *net*: virtio-net NICs, as ``pyrovm run --net`` takes them
+        (``"tap=tap0"``, ``"user,hostfwd=tcp::2222-:22"``) or :class:`NetSpec`; *name*: the VM's name
+        (default MACs derive from it).  Bad input raises :class:`ConfigError` (or its subclass
         :class:`pyrovm.loader.KernelLoadError`); a host that cannot run VMs :class:`pyrovm.errors.HostError`
         (e.g. :class:`pyrovm.kvm.KvmUnavailable`); all are :class:`pyrovm.PyrovmError`.
 
@@ -100,6 +104,8 @@ class VM:
             boot_marker=boot_marker,
             console=console if isinstance(console, str) else "none",
             kvm_device=kvm_path or DEFAULT_KVM_DEVICE,
+            net=tuple(NetSpec.of(n) for n in net),
+            name=name,
         )
         self.machine = build(config, console=sink)
 

@@ -186,15 +186,20 @@ struct virtio_mmio_loc {
 	uint32_t irq;
 };
 
+/* One split virtqueue of up to VQ_MAX entries, polled by the driver. */
+struct vq {
+	uint16_t index, qsize, avail_idx, last_used;
+	struct vring_desc *desc;
+	struct vring_avail *avail;
+	struct vring_used *used;
+};
+
 struct virtio_dev {
 	uint64_t base, size;
 	uint32_t irq, version, device_id;
 	uint64_t device_features, features; /* offered, negotiated */
 	uint32_t qmax;                     /* QueueNumMax of queue 0 */
-	uint16_t qsize, avail_idx, last_used;
-	struct vring_desc *desc;
-	struct vring_avail *avail;
-	struct vring_used *used;
+	struct vq vq;                      /* queue 0 of single-queue devices (virtio_init) */
 };
 
 extern uint8_t virtio_buf[VIRTIO_BUF_SIZE];
@@ -204,17 +209,23 @@ int virtio_list(void); /* print every device found; returns the count */
 /* First modern device with this id (0), or -1 after printing why not. */
 int virtio_find(uint32_t device_id, struct virtio_dev *d);
 /* Reset and initialise (VIRTIO_F_VERSION_1 plus the offered part of wanted; queue 0 of at most
- * max_qsize entries, 0 = VQ_MAX); 0, or -1 after printing why and setting FAILED. */
+ * max_qsize entries, 0 = VQ_MAX, in d->vq); 0, or -1 after printing why and setting FAILED. */
 int virtio_init(struct virtio_dev *d, uint64_t wanted, uint32_t max_qsize);
+/* The same in three steps, for devices with several queues: reset and feature negotiation; one queue
+ * (its rings: desc 16 * VQ_MAX bytes, 16-aligned; avail and used as declared above, page-aligned is
+ * fine); DRIVER_OK.  Each returns 0, or -1 after printing why and setting FAILED. */
+int virtio_negotiate(struct virtio_dev *d, uint64_t wanted);
+int virtio_queue_setup(struct virtio_dev *d, struct vq *q, uint16_t index, uint32_t max_qsize,
+		       struct vring_desc *desc, struct vring_avail *avail, struct vring_used *used);
+int virtio_driver_ok(struct virtio_dev *d);
 void virtio_reset(struct virtio_dev *d);
 uint32_t virtio_config_read32(const struct virtio_dev *d, uint32_t off);
 uint64_t virtio_config_read64(const struct virtio_dev *d, uint32_t off);
-void vq_set_desc(struct virtio_dev *d, uint16_t i, const void *addr, uint32_t len, uint16_t flags,
-		 uint16_t next);
-void vq_submit(struct virtio_dev *d, uint16_t head); /* add a chain to the avail ring (no notify) */
-void vq_kick(struct virtio_dev *d);                  /* notify queue 0 unless the device said not to */
-bool vq_poll(struct virtio_dev *d, uint32_t *id, uint32_t *len);
-int vq_wait(struct virtio_dev *d, uint32_t *id, uint32_t *len); /* -1 on timeout */
+void vq_set_desc(struct vq *q, uint16_t i, const void *addr, uint32_t len, uint16_t flags, uint16_t next);
+void vq_submit(struct vq *q, uint16_t head);        /* add a chain to the avail ring (no notify) */
+void vq_kick(struct virtio_dev *d, struct vq *q);   /* notify the queue unless the device said not to */
+bool vq_poll(struct vq *q, uint32_t *id, uint32_t *len);
+int vq_wait(struct virtio_dev *d, struct vq *q, uint32_t *id, uint32_t *len); /* -1 on timeout */
 void virtio_ack(struct virtio_dev *d); /* InterruptACK of whatever InterruptStatus shows */
 
 /* ---- vtests.c ---- */
@@ -224,6 +235,10 @@ int test_blk_ro(void);
 int test_blk_id(void);
 int test_blkbench(void);
 int test_rng(void);
+
+/* ---- net.c ---- */
+int test_net(void);
+int test_netbench(void);
 
 /* ---- main.c ---- */
 /* BSP's APIC id, from CPUID leaf 1 run at CPL0 (see boot.S). */

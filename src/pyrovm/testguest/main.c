@@ -117,6 +117,8 @@ static const struct test tests[] = {
 	{"blk-id", test_blk_id},
 	{"blkbench", test_blkbench},
 	{"rng", test_rng},
+	{"net", test_net},
+	{"netbench", test_netbench},
 };
 
 __attribute__((noreturn)) void guest_main(uint64_t kind, uint64_t info, uint32_t apic_id);

@@ -3,9 +3,9 @@
  *
  * Devices are found on the command line (`virtio_mmio.device=<size>@<base>:<irq>[:<id>]`, the
  * Linux format), initialised per VIRTIO 1.2 §3.1 / §4.2.3, and use one split virtqueue (queue 0)
- * in static memory.  No interrupts: the driver sets VRING_AVAIL_F_NO_INTERRUPT and polls the used
- * ring; VIRTIO_F_EVENT_IDX is never negotiated.  Only one device is driven at a time (one set of
- * ring memory).
+ * in static memory (devices with more queues bring their own rings: virtio_queue_setup).  No
+ * interrupts: the driver sets VRING_AVAIL_F_NO_INTERRUPT and polls the used ring; VIRTIO_F_EVENT_IDX is
+ * never negotiated.  Only one single-queue device is driven at a time (one set of ring memory).
  */
 #include "guest.h"
 
@@ -43,7 +43,7 @@
 #define STATUS_FEATURES_OK 8
 #define STATUS_FAILED 128
 
-/* ---- ring memory: one split virtqueue of up to VQ_MAX entries, page aligned ---- */
+/* ---- ring memory of virtio_init's queue 0: up to VQ_MAX entries, page aligned ---- */
 static struct vring_desc vq_desc[VQ_MAX] __attribute__((aligned(4096)));
 static struct vring_avail vq_avail __attribute__((aligned(4096)));
 static struct vring_used vq_used __attribute__((aligned(4096)));
@@ -270,7 +270,7 @@ static int init_fail(struct virtio_dev *d, const char *why)
 	return -1;
 }
 
-int virtio_init(struct virtio_dev *d, uint64_t wanted, uint32_t max_qsize)
+int virtio_negotiate(struct virtio_dev *d, uint64_t wanted)
 {
 	/* §3.1.1 step 1: reset, and wait for the reset to finish (§2.4.2). */
 	wr(d, VMMIO_STATUS, 0);
@@ -298,13 +298,19 @@ int virtio_init(struct virtio_dev *d, uint64_t wanted, uint32_t max_qsize)
 	wr(d, VMMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
 	if (!(rd(d, VMMIO_STATUS) & STATUS_FEATURES_OK))
 		return init_fail(d, "FEATURES_OK did not stick (features refused)");
-	/* Step 7: queue 0 (§4.2.3.2). */
-	wr(d, VMMIO_QUEUE_SEL, 0);
+	return 0;
+}
+
+/* Step 7 for one queue (§4.2.3.2). */
+int virtio_queue_setup(struct virtio_dev *d, struct vq *q, uint16_t index, uint32_t max_qsize,
+		       struct vring_desc *desc, struct vring_avail *avail, struct vring_used *used)
+{
+	wr(d, VMMIO_QUEUE_SEL, index);
 	if (rd(d, VMMIO_QUEUE_READY) != 0)
-		return init_fail(d, "queue 0 is already ready after reset");
+		return init_fail(d, "queue is already ready after reset");
 	uint32_t qmax = rd(d, VMMIO_QUEUE_NUM_MAX);
 	if (qmax == 0)
-		return init_fail(d, "queue 0 is not available (QueueNumMax 0)");
+		return init_fail(d, "queue is not available (QueueNumMax 0)");
 	uint32_t qsize = VQ_MAX;
 	if (max_qsize && max_qsize < qsize)
 		qsize = max_qsize;
@@ -312,31 +318,46 @@ int virtio_init(struct virtio_dev *d, uint64_t wanted, uint32_t max_qsize)
 		qsize >>= 1;
 	if (qsize == 0)
 		return init_fail(d, "QueueNumMax is too small");
-	d->qmax = qmax;
-	d->qsize = (uint16_t)qsize;
-	d->avail_idx = 0;
-	d->last_used = 0;
-	d->desc = vq_desc;
-	d->avail = &vq_avail;
-	d->used = &vq_used;
-	memset(vq_desc, 0, sizeof(vq_desc));
-	memset(&vq_avail, 0, sizeof(vq_avail));
-	memset(&vq_used, 0, sizeof(vq_used));
-	vq_avail.flags = VRING_AVAIL_F_NO_INTERRUPT; /* we poll */
+	if (index == 0)
+		d->qmax = qmax;
+	q->index = index;
+	q->qsize = (uint16_t)qsize;
+	q->avail_idx = 0;
+	q->last_used = 0;
+	q->desc = desc;
+	q->avail = avail;
+	q->used = used;
+	memset(desc, 0, sizeof(struct vring_desc) * VQ_MAX);
+	memset(avail, 0, sizeof(*avail));
+	memset(used, 0, sizeof(*used));
+	avail->flags = VRING_AVAIL_F_NO_INTERRUPT; /* we poll */
 	mb();
 	wr(d, VMMIO_QUEUE_NUM, qsize);
-	wr(d, VMMIO_QUEUE_DESC_LOW, (uint32_t)(uint64_t)vq_desc);
-	wr(d, VMMIO_QUEUE_DESC_HIGH, (uint32_t)((uint64_t)vq_desc >> 32));
-	wr(d, VMMIO_QUEUE_DRIVER_LOW, (uint32_t)(uint64_t)&vq_avail);
-	wr(d, VMMIO_QUEUE_DRIVER_HIGH, (uint32_t)((uint64_t)&vq_avail >> 32));
-	wr(d, VMMIO_QUEUE_DEVICE_LOW, (uint32_t)(uint64_t)&vq_used);
-	wr(d, VMMIO_QUEUE_DEVICE_HIGH, (uint32_t)((uint64_t)&vq_used >> 32));
+	wr(d, VMMIO_QUEUE_DESC_LOW, (uint32_t)(uint64_t)desc);
+	wr(d, VMMIO_QUEUE_DESC_HIGH, (uint32_t)((uint64_t)desc >> 32));
+	wr(d, VMMIO_QUEUE_DRIVER_LOW, (uint32_t)(uint64_t)avail);
+	wr(d, VMMIO_QUEUE_DRIVER_HIGH, (uint32_t)((uint64_t)avail >> 32));
+	wr(d, VMMIO_QUEUE_DEVICE_LOW, (uint32_t)(uint64_t)used);
+	wr(d, VMMIO_QUEUE_DEVICE_HIGH, (uint32_t)((uint64_t)used >> 32));
 	wr(d, VMMIO_QUEUE_READY, 1);
-	/* Step 8. */
+	return 0;
+}
+
+/* Step 8. */
+int virtio_driver_ok(struct virtio_dev *d)
+{
 	wr(d, VMMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
 	if (rd(d, VMMIO_STATUS) & STATUS_FAILED)
 		return init_fail(d, "device set FAILED after DRIVER_OK");
 	return 0;
+}
+
+int virtio_init(struct virtio_dev *d, uint64_t wanted, uint32_t max_qsize)
+{
+	if (virtio_negotiate(d, wanted) < 0 ||
+	    virtio_queue_setup(d, &d->vq, 0, max_qsize, vq_desc, &vq_avail, &vq_used) < 0)
+		return -1;
+	return virtio_driver_ok(d);
 }
 
 void virtio_reset(struct virtio_dev *d) { wr(d, VMMIO_STATUS, 0); }
@@ -360,47 +381,46 @@ uint64_t virtio_config_read64(const struct virtio_dev *d, uint32_t off)
 
 /* ---- virtqueue ---- */
 
-void vq_set_desc(struct virtio_dev *d, uint16_t i, const void *addr, uint32_t len, uint16_t flags,
-		 uint16_t next)
+void vq_set_desc(struct vq *q, uint16_t i, const void *addr, uint32_t len, uint16_t flags, uint16_t next)
 {
-	d->desc[i].addr = (uint64_t)addr;
-	d->desc[i].len = len;
-	d->desc[i].flags = flags;
-	d->desc[i].next = next;
+	q->desc[i].addr = (uint64_t)addr;
+	q->desc[i].len = len;
+	q->desc[i].flags = flags;
+	q->desc[i].next = next;
 }
 
-void vq_submit(struct virtio_dev *d, uint16_t head)
+void vq_submit(struct vq *q, uint16_t head)
 {
-	d->avail->ring[d->avail_idx % d->qsize] = head;
+	q->avail->ring[q->avail_idx % q->qsize] = head;
 	barrier(); /* x86: stores are not reordered with other stores */
-	d->avail_idx++;
-	*(volatile uint16_t *)&d->avail->idx = d->avail_idx;
+	q->avail_idx++;
+	*(volatile uint16_t *)&q->avail->idx = q->avail_idx;
 }
 
-void vq_kick(struct virtio_dev *d)
+void vq_kick(struct virtio_dev *d, struct vq *q)
 {
 	mb(); /* avail->idx visible before we read used->flags and before the notify */
-	if (!(*(volatile uint16_t *)&d->used->flags & VRING_USED_F_NO_NOTIFY))
-		wr(d, VMMIO_QUEUE_NOTIFY, 0);
+	if (!(*(volatile uint16_t *)&q->used->flags & VRING_USED_F_NO_NOTIFY))
+		wr(d, VMMIO_QUEUE_NOTIFY, q->index);
 }
 
-bool vq_poll(struct virtio_dev *d, uint32_t *id, uint32_t *len)
+bool vq_poll(struct vq *q, uint32_t *id, uint32_t *len)
 {
-	uint16_t used_idx = *(volatile uint16_t *)&d->used->idx;
-	if (used_idx == d->last_used)
+	uint16_t used_idx = *(volatile uint16_t *)&q->used->idx;
+	if (used_idx == q->last_used)
 		return false;
 	barrier(); /* x86: loads are not reordered with other loads */
-	const volatile struct vring_used_elem *e = &d->used->ring[d->last_used % d->qsize];
+	const volatile struct vring_used_elem *e = &q->used->ring[q->last_used % q->qsize];
 	*id = e->id;
 	*len = e->len;
-	d->last_used++;
+	q->last_used++;
 	return true;
 }
 
-int vq_wait(struct virtio_dev *d, uint32_t *id, uint32_t *len)
+int vq_wait(struct virtio_dev *d, struct vq *q, uint32_t *id, uint32_t *len)
 {
 	uint64_t deadline = rdtsc() + VQ_TIMEOUT_MS * tsc_khz();
-	while (!vq_poll(d, id, len)) {
+	while (!vq_poll(q, id, len)) {
 		if ((int64_t)(rdtsc() - deadline) > 0) {
 			put_dev(d);
 			put_str("timeout waiting for the used ring\n");

@@ -64,12 +64,12 @@ static void blk_chain(struct virtio_dev *d, unsigned c, uint32_t type, uint64_t 
 	blk_hdr[c].sector = sector;
 	blk_status[c] = 0xff;
 	if (len) {
-		vq_set_desc(d, h, &blk_hdr[c], sizeof(blk_hdr[c]), VRING_DESC_F_NEXT, h + 1);
-		vq_set_desc(d, h + 1, buf, len, VRING_DESC_F_NEXT | (dev_writes ? VRING_DESC_F_WRITE : 0), h + 2);
+		vq_set_desc(&d->vq, h, &blk_hdr[c], sizeof(blk_hdr[c]), VRING_DESC_F_NEXT, h + 1);
+		vq_set_desc(&d->vq, h + 1, buf, len, VRING_DESC_F_NEXT | (dev_writes ? VRING_DESC_F_WRITE : 0), h + 2);
 	} else {
-		vq_set_desc(d, h, &blk_hdr[c], sizeof(blk_hdr[c]), VRING_DESC_F_NEXT, h + 2);
+		vq_set_desc(&d->vq, h, &blk_hdr[c], sizeof(blk_hdr[c]), VRING_DESC_F_NEXT, h + 2);
 	}
-	vq_set_desc(d, h + 2, &blk_status[c], 1, VRING_DESC_F_WRITE, 0);
+	vq_set_desc(&d->vq, h + 2, &blk_status[c], 1, VRING_DESC_F_WRITE, 0);
 }
 
 /* One synchronous request on chain 0: returns the status byte, or -1 (timeout / protocol error). */
@@ -77,9 +77,9 @@ static int blk_req(struct virtio_dev *d, uint32_t type, uint64_t sector, void *b
 {
 	uint32_t id, used_len;
 	blk_chain(d, 0, type, sector, buf, len);
-	vq_submit(d, 0);
-	vq_kick(d);
-	if (vq_wait(d, &id, &used_len) < 0)
+	vq_submit(&d->vq, 0);
+	vq_kick(d, &d->vq);
+	if (vq_wait(d, &d->vq, &id, &used_len) < 0)
 		return -1;
 	virtio_ack(d);
 	if (id != 0) {
@@ -112,7 +112,7 @@ static int blk_open(struct virtio_dev *d, uint64_t *capacity, uint32_t max_qsize
 	put_str(" offered ");
 	put_hex(d->device_features);
 	put_str(" queue ");
-	put_u64(d->qsize);
+	put_u64(d->vq.qsize);
 	put_char('/');
 	put_u64(d->qmax);
 	put_str(" at ");
@@ -282,9 +282,9 @@ int test_blkbench(void)
 	if (blk_open(&d, &capacity, 0) < 0)
 		return 1;
 	uint64_t spr = bs / SECTOR;
-	if (3 * depth > d.qsize) {
+	if (3 * depth > d.vq.qsize) {
 		put_str("blkbench: queue of ");
-		put_u64(d.qsize);
+		put_u64(d.vq.qsize);
 		put_str(" descriptors is too small for depth ");
 		put_u64(depth);
 		put_char('\n');
@@ -313,16 +313,16 @@ int test_blkbench(void)
 	uint64_t sector = 0, submitted = 0, completed = 0, failed = 0;
 	for (unsigned c = 0; c < depth; c++) {
 		blk_chain(&d, c, type, sector, virtio_buf + c * bs, (uint32_t)bs);
-		vq_submit(&d, (uint16_t)(3 * c));
+		vq_submit(&d.vq, (uint16_t)(3 * c));
 		submitted++;
 		sector = sector + 2 * spr > capacity ? 0 : sector + spr;
 	}
-	vq_kick(&d);
+	vq_kick(&d, &d.vq);
 	uint64_t deadline = rdtsc() + VQ_TIMEOUT_MS * tsc_khz();
 	while (completed < count) {
 		uint32_t id, len;
 		bool resubmitted = false;
-		while (vq_poll(&d, &id, &len)) {
+		while (vq_poll(&d.vq, &id, &len)) {
 			unsigned c = id / 3;
 			if (id % 3 || c >= depth) {
 				put_str("blkbench: used ring returned id ");
@@ -339,14 +339,14 @@ int test_blkbench(void)
 			if (submitted < count) {
 				blk_hdr[c].sector = sector;
 				blk_status[c] = 0xff;
-				vq_submit(&d, (uint16_t)id);
+				vq_submit(&d.vq, (uint16_t)id);
 				submitted++;
 				resubmitted = true;
 				sector = sector + 2 * spr > capacity ? 0 : sector + spr;
 			}
 		}
 		if (resubmitted) {
-			vq_kick(&d);
+			vq_kick(&d, &d.vq);
 			deadline = rdtsc() + VQ_TIMEOUT_MS * tsc_khz();
 		} else if ((int64_t)(rdtsc() - deadline) > 0) {
 			put_str("blkbench: timeout after ");
@@ -394,10 +394,10 @@ int test_rng(void)
 			put_str(" bytes after 1000 buffers\n");
 			return 1;
 		}
-		vq_set_desc(&d, 0, virtio_buf + got, (uint32_t)(n - got), VRING_DESC_F_WRITE, 0);
-		vq_submit(&d, 0);
-		vq_kick(&d);
-		if (vq_wait(&d, &id, &len) < 0)
+		vq_set_desc(&d.vq, 0, virtio_buf + got, (uint32_t)(n - got), VRING_DESC_F_WRITE, 0);
+		vq_submit(&d.vq, 0);
+		vq_kick(&d, &d.vq);
+		if (vq_wait(&d, &d.vq, &id, &len) < 0)
 			return 1;
 		virtio_ack(&d);
 		if (id != 0 || len > n - got) {
