@@ -87,4 +87,23 @@ def run_doctor(kvm_path: str | None = None) -> int:
         _line(False, f"the exit benchmark failed: {result.describe()}")
         return 1
     _line(True, f"port I/O exit round trip: {elapsed / PIO_EXITS * 1e6:.1f} µs ({PIO_EXITS} exits)")
+    _network_lines()
     return 0
+
+
+def _network_lines() -> None:
+    """What --net can use here (information only: a VM without a NIC needs neither)."""
+    import shutil
+
+    tun = Path("/dev/net/tun")
+    if tun.exists():
+        _line(None, "--net tap: /dev/net/tun is present")
+    else:
+        _line(None, "--net tap: /dev/net/tun is missing (modprobe tun)")
+    passt = shutil.which("passt")
+    _line(
+        None,
+        f"--net user: passt at {passt}"
+        if passt
+        else "--net user: passt is not installed (apt-get install passt)",
+    )

@@ -88,6 +88,7 @@ RX_BUDGET = 256
 IOV_LIMIT = 1023
 
 RX, TX = 0, 1
+_SENT, _FULL, _DROPPED = 1, 0, -1
 QUEUE_SIZE = 256
 
 _CONFIG = struct.Struct("<6sHHH")  # mac, status, max_virtqueue_pairs, mtu
@@ -329,42 +330,52 @@ class VirtioNet(VirtioDevice):
         stats = self.stats
         send = self.backend.send_frame
         add_used = queue.add_used
-        for i, chain in enumerate(batch):
-            if type(chain) is not DescriptorChain:
-                self.chain_failed(queue, chain)  # type: ignore[arg-type]
-                stats.tx_dropped += 1
-                continue
-            stats.requests += 1
-            views = chain.readable_views()
-            length = _total(views)
-            if length <= NET_HDR_SIZE + ETH_HLEN - 1 or length > MAX_PACKET or not self.link_up:
-                self._drop_tx(length)
+        frames = nbytes = 0
+        try:
+            for i, chain in enumerate(batch):
+                if type(chain) is not DescriptorChain:
+                    self.chain_failed(queue, chain)  # type: ignore[arg-type]
+                    stats.tx_dropped += 1
+                    continue
+                readable = chain.readable
+                if len(readable) == 1:  # the usual case: header and frame in one buffer
+                    length = readable[0][1]
+                    views = [chain.view(readable[0][0], length)]
+                else:
+                    views = chain.readable_views()
+                    length = _total(views)
+                if length < NET_HDR_SIZE + ETH_HLEN or length > MAX_PACKET or not self.link_up:
+                    self._drop_tx(length)
+                else:
+                    sent = self._send(send, views)
+                    if sent == _FULL:  # this chain and the rest wait for the backend to drain
+                        queue.undo_pop(len(batch) - i)
+                        self._tx_blocked = True
+                        self._watch(read=self._watch_read, write=True)
+                        return False
+                    if sent == _SENT:
+                        frames += 1
+                        nbytes += length
                 add_used(chain.head, 0)
-                continue
-            if len(views) > IOV_LIMIT:
-                views = [memoryview(b"".join(views))]
-            try:
-                sent = send(views)
-            except BackendClosedError as e:
-                self._link_down(e)
-                stats.tx_dropped += 1
-                add_used(chain.head, 0)
-                continue
-            except FrameRejectedError as e:
-                stats.tx_dropped += 1
-                stats.errors += 1
-                self.log_once("tx-rejected", "%s: the backend refused a tx frame: %s", self.name, e)
-                add_used(chain.head, 0)
-                continue
-            if not sent:  # the backend is full: this chain and the rest wait for it to drain
-                queue.undo_pop(len(batch) - i)
-                self._tx_blocked = True
-                self._watch(read=self._watch_read, write=True)
-                return False
-            stats.tx_frames += 1
-            stats.tx_bytes += length - NET_HDR_SIZE
-            add_used(chain.head, 0)
-        return True
+            return True
+        finally:
+            stats.requests += frames
+            stats.tx_frames += frames
+            stats.tx_bytes += nbytes - frames * NET_HDR_SIZE
+
+    def _send(self, send: Callable[[list[memoryview]], bool], views: list[memoryview]) -> int:
+        """One frame to the backend: _SENT, _FULL, or _DROPPED (refused, or the backend is gone: counted)."""
+        if len(views) > IOV_LIMIT:
+            views = [memoryview(b"".join(views))]
+        try:
+            return _SENT if send(views) else _FULL
+        except BackendClosedError as e:
+            self._link_down(e)
+        except FrameRejectedError as e:
+            self.stats.errors += 1
+            self.log_once("tx-rejected", "%s: the backend refused a tx frame: %s", self.name, e)
+        self.stats.tx_dropped += 1
+        return _DROPPED
 
     def _drop_tx(self, length: int) -> None:
         self.stats.tx_dropped += 1
@@ -429,7 +440,11 @@ class VirtioNet(VirtioDevice):
             return False
         self.stats.requests += 1
         if n <= cap:
-            scatter(views, b"\x01\x00", NUM_BUFFERS_OFFSET)
+            first = views[0]
+            if first.nbytes >= NET_HDR_SIZE:
+                first[NUM_BUFFERS_OFFSET:NET_HDR_SIZE] = b"\x01\x00"
+            else:
+                scatter(views, b"\x01\x00", NUM_BUFFERS_OFFSET)
             queue.add_used(chain.head, n)
         elif not self._spread(queue, chain, views, n, cap):
             return True
