@@ -227,12 +227,16 @@ def run_user(vmm: str, guest: Path, args: argparse.Namespace) -> dict[str, float
             spec = "user," + ",".join(f"hostfwd=udp::{h}-:{g}" for g, h in fwd.items()) + f",mac={MAC}"
             argv = pyrovm_cmd(guest, cmdline, extra=["--console", "stdio", "--net", spec])
         else:
+            os.chmod(d, 0o1777)  # passt started as root runs as nobody: it must create its socket here
             sock_path = Path(d) / "passt.sock"
             passt_argv = ["passt", "-f", "-q", "-1", "-s", str(sock_path), "--mtu", "1500"]
             for g, h in fwd.items():
                 passt_argv += ["-u", f"127.0.0.1/{h}:{g}"]
             passt = subprocess.Popen(passt_argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 10
             while not sock_path.exists():
+                if passt.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"passt did not start: {passt_argv}")
                 time.sleep(0.01)
             argv = qemu_cmd(guest, cmdline, extra=[
                 "-netdev", f"stream,id=n0,server=off,addr.type=unix,addr.path={sock_path}",

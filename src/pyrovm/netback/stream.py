@@ -72,8 +72,13 @@ class StreamBackend:
                     raise StreamProtocolError(f"{self.name}: frame length {length} (at most {MAX_FRAME})")
                 if avail >= 4 + length:
                     start = self._start + 4
-                    scatter(bufs, _ZERO_HDR)
-                    scatter(bufs, self._mv[start : start + length], NET_HDR_SIZE)
+                    first = bufs[0]
+                    if first.nbytes >= NET_HDR_SIZE + length:  # the usual case: one buffer holds it
+                        first[:NET_HDR_SIZE] = _ZERO_HDR
+                        first[NET_HDR_SIZE : NET_HDR_SIZE + length] = self._mv[start : start + length]
+                    else:
+                        scatter(bufs, _ZERO_HDR)
+                        scatter(bufs, self._mv[start : start + length], NET_HDR_SIZE)
                     self._start = start + length
                     return NET_HDR_SIZE + length
             if not self._fill():
