@@ -9,6 +9,7 @@ PACKAGES=(
   flex bison bc libelf-dev libssl-dev xz-utils linux-source-6.1   # pyrovm kernel build
   busybox-static cpio                 # pyrovm initramfs build; cpio only to cross-check the writer
   qemu-system-x86                     # the peer in benchmarks and cross-checks of the test guest
+  socat                               # vsock tests: a third-party client of the Firecracker protocol
   passt                               # --net user (rootless user-mode networking)
   iproute2 iputils-ping               # network tests: namespaces, taps, ping
 )

@@ -23,6 +23,7 @@ from pyrovm.config import (
     DiskSpec,
     NetSpec,
     VmConfig,
+    VsockSpec,
     host_memory,
     parse_size,
 )
@@ -110,6 +111,7 @@ def _full(tmp_path: Path) -> VmConfig:
             NetSpec.parse("user,hostfwd=udp::5555-:7"),
         ),
         name="vm-7",
+        vsock=VsockSpec(9, tmp_path / "v.sock"),
     )
 
 

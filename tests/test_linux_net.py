@@ -4,7 +4,9 @@ Guest user space cannot run on a PVM host, so these watch the kernel itself: its
 (``ip=``) and its network stack, kept alive by waiting for a root device that never comes
 (``root=/dev/vdz rootwait``).  Two VMs boot at once, one per backend:
 
-* user mode (passt): ``ip=dhcp`` gets the address passt hands out (the host's own, as passt does);
+* user mode (passt): ``ip=dhcp`` gets the address passt hands out (the host's own, as passt does); the
+  same VM has a vsock device, and a host ``CONNECT`` to a guest port nobody listens on is refused by the
+  guest kernel (RST: the Unix connection is closed);
 * a tap in a namespace the test makes, static ``ip=``: the host pings the guest kernel (100 pings, none
   lost) and a TCP SYN to a closed port is answered with an RST (the connection is refused).
 """
@@ -18,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from pyrovm.netback.vsock import VsockError, VsockHost
 
 from conftest import needs_kvm, pyrovm_argv
 from netns import NetNs, needs_netns
@@ -51,7 +55,12 @@ def default_route_ipv4() -> str:
 
 
 @pytest.fixture(scope="module")
-def vms(kernel: Path) -> Iterator[tuple[Guest, Guest, NetNs]]:
+def vsock_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("vsock") / "v.sock"
+
+
+@pytest.fixture(scope="module")
+def vms(kernel: Path, vsock_path: Path) -> Iterator[tuple[Guest, Guest, NetNs]]:
     ns = NetNs()
     ns.add_tap("tap0", "10.0.0.1/24")
     user = tap = None
@@ -59,7 +68,7 @@ def vms(kernel: Path) -> Iterator[tuple[Guest, Guest, NetNs]]:
         user = Guest(
             pyrovm_argv(
                 "run", "--kernel", str(kernel), "--console", "stdio", "--timeout", str(BOOT_TIMEOUT),
-                "--net", "user", "--cmdline", f"{KEEP_ALIVE} ip=dhcp",
+                "--net", "user", "--cmdline", f"{KEEP_ALIVE} ip=dhcp", "--vsock", f"cid=5,uds={vsock_path}",
             )
         )  # fmt: skip
         tap = Guest(
@@ -83,6 +92,13 @@ def test_linux_dhcp_from_passt(vms: tuple[Guest, Guest, NetNs]) -> None:
     user, _, _ = vms
     m = user.wait_for(IP_CONFIG, BOOT_TIMEOUT)
     assert m.group(2) == default_route_ipv4(), user.text[-2000:]
+
+
+def test_linux_vsock_refuses_a_closed_port(vms: tuple[Guest, Guest, NetNs], vsock_path: Path) -> None:
+    user, _, _ = vms
+    user.wait_for(IP_CONFIG, BOOT_TIMEOUT)  # the kernel is up, its drivers probed
+    with pytest.raises(VsockError, match="refused"):  # the guest kernel's RST closes the Unix connection
+        VsockHost(vsock_path, 5).connect(1234, timeout=30)
 
 
 def test_linux_on_a_tap_answers_ping_and_refuses_tcp(vms: tuple[Guest, Guest, NetNs]) -> None:

@@ -148,6 +148,8 @@ def _create_devices(
         devices.add_rng(config.rng_rate)
     for i, nic in enumerate(config.net):
         devices.add_net(nic, i, nic.mac_bytes(config.name, i))
+    if config.vsock is not None:
+        devices.add_vsock(config.vsock, config.name)
     return devices
 
 

@@ -52,7 +52,7 @@ def _fail(message: str) -> int:
 
 def _run_config(args: argparse.Namespace) -> VmConfig:
     """The VmConfig for ``pyrovm run``'s options."""
-    from .config import DEFAULT_CMDLINE, DiskSpec, NetSpec, VmConfig, parse_size
+    from .config import DEFAULT_CMDLINE, DiskSpec, NetSpec, VmConfig, VsockSpec, parse_size
 
     return VmConfig(
         kernel=args.kernel,
@@ -73,6 +73,7 @@ def _run_config(args: argparse.Namespace) -> VmConfig:
         kvm_device=args.kvm_device,
         net=tuple(NetSpec.parse(n) for n in args.net),
         name=args.name,
+        vsock=None if args.vsock is None else VsockSpec.parse(args.vsock),
     )
 
 
@@ -92,6 +93,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         except PyrovmError as exc:
             return _fail(str(exc))
         signals.attach(vm)
+        if vm.config.vsock is not None:
+            print(
+                f"pyrovm: vsock for guest CID {vm.vsock.cid} at {vm.vsock.path}", file=sys.stderr, flush=True
+            )
         return run_vm(vm, args, signals, _START)
     finally:
         signals.ignore()  # to the very end: the interpreter's exit would put the default actions back
@@ -201,6 +206,15 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "or 'user[,hostfwd=tcp|udp:[HOSTADDR]:HOSTPORT-:GUESTPORT]...[,mac=MAC][,mtu=N]' for rootless "
         "networking through passt (the guest gets an address by DHCP; HOSTADDR defaults to 127.0.0.1). "
         "The MAC defaults to one derived from --name and the NIC's index; mtu defaults to 1500",
+    )
+    run.add_argument(
+        "--vsock",
+        default=None,
+        metavar="cid=N[,uds=PATH]",
+        help="a virtio-vsock device for guest CID N (3 or more), Firecracker's hybrid vsock: host programs "
+        "connect to the Unix socket PATH and write 'CONNECT <port>\\n' (answer 'OK <port>\\n'); the guest's "
+        "connections to host port P go to PATH_P. PATH defaults to $XDG_RUNTIME_DIR/pyrovm-NAME.vsock "
+        "(/tmp without it) and is printed on stderr",
     )
     run.add_argument(
         "--name",

@@ -24,6 +24,7 @@ from typing import Any
 
 from .arch.x86 import layout
 from .devices.virtio.net import MAX_MTU, MIN_MTU, format_mac, parse_mac
+from .devices.virtio.vsock import check_cid
 from .errors import ConfigError
 from .kvm.system import DEFAULT_KVM_DEVICE
 from .loader.cmdline import Cmdline
@@ -242,6 +243,77 @@ class NetSpec:
         )
 
 
+@dataclass(frozen=True)
+class VsockSpec:
+    """The vsock device: ``cid=N[,uds=PATH]`` (Firecracker's hybrid vsock: host side on Unix sockets).
+
+    *uds* defaults to ``$XDG_RUNTIME_DIR/pyrovm-<name>.vsock`` (``/tmp`` without it); an existing file
+    there is refused, except at the default path a socket nobody listens on (left by a killed VM).
+    """
+
+    cid: int
+    uds: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.uds is not None:
+            object.__setattr__(self, "uds", Path(self.uds))
+
+    @classmethod
+    def parse(cls, spec: str) -> VsockSpec:
+        cid: int | None = None
+        uds: Path | None = None
+        for opt in spec.split(","):
+            key, sep, value = opt.partition("=")
+            if key == "cid" and sep:
+                if not value.isdigit():
+                    raise ConfigError(f"vsock {spec!r}: cid {value!r} is not a number")
+                cid = int(value)
+            elif key == "uds" and sep and value:
+                uds = Path(value)
+            else:
+                raise ConfigError(f"vsock {spec!r}: unknown option {opt!r} (cid=N, uds=PATH)")
+        if cid is None:
+            raise ConfigError(f"vsock {spec!r}: cid=N is required (3 or more)")
+        return cls(cid, uds)
+
+    @classmethod
+    def of(cls, spec: str | VsockSpec) -> VsockSpec:
+        return spec if isinstance(spec, VsockSpec) else cls.parse(spec)
+
+    def socket_path(self, vm_name: str) -> Path:
+        if self.uds is not None:
+            return self.uds
+        base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+        return Path(base) / f"pyrovm-{vm_name}.vsock"
+
+    def validate(self, vm_name: str) -> None:
+        check_cid(self.cid)
+        path = self.socket_path(vm_name)
+        what = f"vsock socket {path}"
+        if len(os.fsencode(path)) >= 108:
+            raise ConfigError(f"{what}: longer than a Unix socket path may be (107 bytes)")
+        if self.uds is not None and os.path.lexists(path):
+            raise ConfigError(f"{what} already exists (remove it, or give another uds=)")
+        parent = path.parent if str(path.parent) else Path(".")
+        pst = _stat_or_none(parent, f"{what}: directory {parent}")
+        if pst is None or not stat.S_ISDIR(pst.st_mode):
+            raise ConfigError(f"{what}: directory {parent} does not exist")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"{what}: directory {parent} is not writable")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cid": self.cid, "uds": None if self.uds is None else str(self.uds)}
+
+    @classmethod
+    def from_json(cls, data: Any) -> VsockSpec:
+        fields = _object(data, "vsock", {"cid", "uds"})
+        if "cid" not in fields:
+            raise ConfigError("vsock: 'cid' is required")
+        return cls(
+            _typed(fields["cid"], int, "vsock cid"), _typed(fields.get("uds"), str | None, "vsock uds")
+        )  # type: ignore[arg-type]
+
+
 def default_mac(vm_name: str, index: int) -> bytes:
     """``02:xx:xx:xx:xx:xx`` from a hash of the VM's name and the NIC's index: stable across runs, locally
     administered, unicast."""
@@ -272,6 +344,7 @@ class VmConfig:
     kvm_device: str = DEFAULT_KVM_DEVICE
     net: tuple[NetSpec, ...] = ()
     name: str = "pyrovm"  # the VM's name: default MAC addresses derive from it
+    vsock: VsockSpec | None = None
 
     def __post_init__(self) -> None:
         # accept lists and plain strings where tuples and Paths belong (frozen: through object.__setattr__)
@@ -282,6 +355,8 @@ class VmConfig:
         if isinstance(self.net, str | NetSpec):
             object.__setattr__(self, "net", (self.net,))
         object.__setattr__(self, "net", tuple(NetSpec.of(n) for n in self.net))
+        if self.vsock is not None:
+            object.__setattr__(self, "vsock", VsockSpec.of(self.vsock))
         if self.rootfs is not None:
             object.__setattr__(self, "rootfs", DiskSpec.of(self.rootfs))
         if self.metrics_path is not None:
@@ -404,6 +479,8 @@ class VmConfig:
                         f"hostfwd {fwd}: host port {fwd.host_port}/{fwd.proto} is forwarded twice"
                     )
                 ports.add(key)
+        if self.vsock is not None:
+            self.vsock.validate(self.name)
 
     def _check_outputs(self) -> None:
         if self.console not in ("none", "stdio") and self.console_path is None:
@@ -441,6 +518,7 @@ class VmConfig:
             "kvm_device": self.kvm_device,
             "net": [n.to_json() for n in self.net],
             "name": self.name,
+            "vsock": None if self.vsock is None else self.vsock.to_json(),
         }
 
     @classmethod
@@ -482,6 +560,8 @@ def _json_field(name: str, value: Any) -> Any:
         return None if value is None else DiskSpec.from_json(value)
     if name == "net":
         return tuple(NetSpec.from_json(n) for n in _typed(value, list, name))
+    if name == "vsock":
+        return None if value is None else VsockSpec.from_json(value)
     kind, nullable = _JSON_FIELDS[name]
     if value is None and nullable:
         return None

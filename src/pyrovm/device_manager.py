@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .arch.x86 import layout
-from .config import DiskSpec, NetSpec
+from .config import DiskSpec, NetSpec, VsockSpec
 from .devices.boot_timer import BootTimer
 from .devices.bus import Bus
 from .devices.debug_exit import DebugExit
@@ -39,10 +39,12 @@ from .devices.virtio import (
     cmdline_fragment,
 )
 from .devices.virtio.net import FrameBackend, VirtioNet
+from .devices.virtio.vsock import VirtioVsock
 from .errors import ConfigError
 from .eventloop import EventFd, EventLoop
 from .memory import GuestMemory
 from .netback import open_tap, start_passt
+from .netback.vsock import VsockMuxer, remove_stale_socket
 
 #: IOAPIC pins free for virtio devices (0 timer, 1 keyboard, 2 cascade, 4 COM1, 8 RTC, 12 mouse, 13 FPU).
 VIRTIO_IRQS = (5, 6, 7, 9, 10, 11, 14, 15, 3, 16, 17, 18, 19, 20, 21, 22, 23)
@@ -179,6 +181,19 @@ class DeviceManager:
             return self.add_virtio(dev, f"virtio-net:{name}")
         except BaseException:
             backend.close()
+            raise
+
+    def add_vsock(self, spec: VsockSpec, vm_name: str) -> VirtioSlot:
+        """virtio-vsock for guest CID ``spec.cid``, its host side listening at the socket path."""
+        path = spec.socket_path(vm_name)
+        if spec.uds is None:
+            remove_stale_socket(path)
+        muxer = VsockMuxer(path, self.loop)
+        try:
+            self.vsock_path = path
+            return self.add_virtio(VirtioVsock(spec.cid, muxer), "virtio-vsock")
+        except BaseException:
+            muxer.close()
             raise
 
     def cmdline_words(self) -> list[str]:

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .builder import build
-from .config import DEFAULT_CMDLINE, DiskSpec, NetSpec, VmConfig, parse_size
+from .config import DEFAULT_CMDLINE, DiskSpec, NetSpec, VmConfig, VsockSpec, parse_size
 from .console import ConsoleLog
 from .devices.bus import Bus
 from .errors import ConfigError
 from .kvm.system import DEFAULT_KVM_DEVICE
 from .machine import Machine
 from .memory import GuestMemory
+from .netback.vsock import VsockHost
 from .result import ExitCode, ExitReason, VmExit
 from .vcpu import KICK_SIGNAL, install_kick_handler
 
@@ -66,6 +67,7 @@ class VM:
         boot_marker: str | None = None,
         net: Sequence[str | NetSpec] = (),
         name: str = "pyrovm",
+        vsock: str | VsockSpec | None = None,
     ) -> None:
         """Check the configuration and build the VM (nothing runs until :meth:`start`).
 
@@ -75,7 +77,8 @@ class VM:
         (``root=/dev/vda rw`` is added unless the command line names a root); *rng*: a virtio-rng device,
         *rng_rate* its byte-rate limit.  *net*: virtio-net NICs, as ``pyrovm run --net`` takes them
         (``"tap=tap0"``, ``"user,hostfwd=tcp::2222-:22"``) or :class:`NetSpec`; *name*: the VM's name
-        (default MACs derive from it).  Bad input raises :class:`ConfigError` (or its subclass
+        (default MACs derive from it).  *vsock*: ``"cid=N[,uds=PATH]"`` or a :class:`VsockSpec`, then
+        :attr:`vsock` connects to guest ports.  Bad input raises :class:`ConfigError` (or its subclass
         :class:`pyrovm.loader.KernelLoadError`); a host that cannot run VMs :class:`pyrovm.errors.HostError`
         (e.g. :class:`pyrovm.kvm.KvmUnavailable`); all are :class:`pyrovm.PyrovmError`.
 
@@ -106,6 +109,7 @@ class VM:
             kvm_device=kvm_path or DEFAULT_KVM_DEVICE,
             net=tuple(NetSpec.of(n) for n in net),
             name=name,
+            vsock=None if vsock is None else VsockSpec.of(vsock),
         )
         self.machine = build(config, console=sink)
 
@@ -233,6 +237,15 @@ class VM:
     def exit_counts(self) -> dict[str, int]:
         """vCPU exits to user space, summed over vCPUs, by kind."""
         return self.machine.exit_counts()
+
+    @property
+    def vsock(self) -> VsockHost:
+        """The host side of the vsock device: ``connect(port, timeout)`` gives a socket to a guest port,
+        ``listen(port)`` a listening socket for the guest's connections to host port *port*."""
+        spec = self.machine.config.vsock
+        if spec is None:
+            raise ConfigError("this VM has no vsock device (give vsock='cid=N')")
+        return VsockHost(spec.socket_path(self.machine.config.name), spec.cid)
 
     def metrics(self) -> dict[str, object]:
         """Counters of the VM: how it ended, vCPU exits, and per-device requests/bytes/errors/interrupts."""

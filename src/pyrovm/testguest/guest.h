@@ -240,6 +240,9 @@ int test_rng(void);
 int test_net(void);
 int test_netbench(void);
 
+/* ---- vsock.c ---- */
+int test_vsock(void);
+
 /* ---- main.c ---- */
 /* BSP's APIC id, from CPUID leaf 1 run at CPL0 (see boot.S). */
 extern uint32_t bsp_apic_id;

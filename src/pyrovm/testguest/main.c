@@ -119,6 +119,8 @@ static const struct test tests[] = {
 	{"rng", test_rng},
 	{"net", test_net},
 	{"netbench", test_netbench},
+	{"vsock", test_vsock},
+	{"vsockbench", test_vsock},
 };
 
 __attribute__((noreturn)) void guest_main(uint64_t kind, uint64_t info, uint32_t apic_id);

@@ -14,8 +14,10 @@ leaves :meth:`process`, for the transport to set DEVICE_NEEDS_RESET.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
@@ -78,6 +80,7 @@ class VirtioDevice:
         self.queues: list[SplitQueue | None] = []
         self._logged: set[str] = set()
         self._kick: Callable[[int], None] | None = None
+        self._lock: AbstractContextManager[object] = contextlib.nullcontext()
 
     # -- description ---------------------------------------------------------------------------------
     @property
@@ -115,9 +118,17 @@ class VirtioDevice:
     def active(self) -> bool:
         return self.memory is not None
 
-    def bind(self, kick: Callable[[int], None]) -> None:
-        """The transport's way to (re)process a queue later, e.g. from a timer (takes its lock, signals)."""
+    def bind(self, kick: Callable[[int], None], lock: AbstractContextManager[object] | None = None) -> None:
+        """The transport's way to (re)process a queue later, e.g. from a timer (takes its lock, signals),
+        and the transport's lock, which :meth:`locked` takes (for a backend's own callbacks)."""
         self._kick = kick
+        if lock is not None:
+            self._lock = lock
+
+    def locked(self, fn: Callable[[], None]) -> None:
+        """Run *fn* serialised with the device's queue processing (under the transport's lock once bound)."""
+        with self._lock:
+            fn()
 
     def activate(self, memory: GuestMemory, queues: list[SplitQueue | None]) -> None:
         """The driver set DRIVER_OK: *queues* has one entry per queue, None where it was not made ready."""

@@ -183,7 +183,7 @@ class VirtioMmioTransport:
             queues=[QueueState(max_size=m, size=m) for m in device.queue_max_sizes]
         )
         self._lock = threading.RLock()
-        device.bind(self.process_queue)
+        device.bind(self.process_queue, self._lock)
 
     # -- helpers -------------------------------------------------------------------------------------
     def _log_once(self, key: str, msg: str, *args: object) -> None:
