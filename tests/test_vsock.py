@@ -377,3 +377,34 @@ def test_socat_speaks_the_protocol(rig: Rig) -> None:
             break
     drv.send(OP_SHUTDOWN, 5000, req.src_port, flags=3)
     assert proc.wait(5) == 0
+
+
+def test_guest_close_with_data_the_host_has_not_read_loses_nothing(rig: Rig) -> None:
+    mux, drv, loop, _ = rig
+    c, req = connect(rig)
+    c.recv(64)
+    sent = b""
+    conn = mux.conns[(req.src_port, 5000)]
+    for i in range(200):  # more than the socket buffer takes while the host does not read
+        allowed = BUF_ALLOC - (conn.rx_cnt - conn.told_fwd)
+        if allowed < 4096:
+            break
+        data = bytes([i]) * 4096
+        drv.send(OP_RW, 5000, req.src_port, data)
+        sent += data
+        drv.recv()
+    assert conn.out  # some of it waits in the muxer
+    drv.send(OP_SHUTDOWN, 5000, req.src_port, flags=3)  # the guest closes at once
+    got = b""
+    c.settimeout(0.2)
+    while True:
+        try:
+            chunk = c.recv(1 << 20)
+        except TimeoutError:
+            loop.pump()
+            continue
+        if not chunk:
+            break
+        got += chunk
+    assert got == sent and mux.conns == {}
+    assert OP_RST in [p.op for p, _ in drv.recv()]

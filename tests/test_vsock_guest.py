@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,29 @@ def test_socket_removed_when_the_vm_ends(guest: Path, tmp_path: Path) -> None:
     with pytest.raises(OSError):
         s.connect(str(host.path))
     s.close()
+
+
+def test_python_api_and_per_connection_metrics(guest: Path, tmp_path: Path) -> None:
+    from pyrovm import VM
+
+    with VM(guest, memory="64M", cmdline="test=vsock", vsock=f"cid=9,uds={tmp_path / 'api.sock'}") as vm:
+        vm.console.wait_for("vsock: ready cid 9", 30)  # (the with block started it)
+        with vm.vsock.connect(5000, timeout=10) as s:
+            s.sendall(b"x" * 1000)
+            got = b""
+            while len(got) < 1000:
+                got += s.recv(4096)
+            for _ in range(100):  # (the I/O thread counts right after the host socket took the bytes)
+                dev = vm.metrics()["devices"]["virtio-vsock"]  # type: ignore[index]
+                [conn] = dev["connections"]
+                if conn["bytes_to_host"] == 1000:
+                    break
+                time.sleep(0.02)
+            assert (
+                conn["guest_port"] == 5000
+                and conn["bytes_to_guest"] == 1000
+                and conn["bytes_to_host"] == 1000
+            )
+            assert dev["host_connects"] == 1 and dev["rx_packets"] >= 2 and dev["tx_packets"] >= 2
+        vm.stop()
+    assert not (tmp_path / "api.sock").exists()

@@ -102,7 +102,7 @@ class DeviceManager:
         self.loop = EventLoop()
         self.slots: list[VirtioSlot] = []
         self._stoppers: list[Callable[[], None]] = []  # host helpers (passt) ended after the devices
-        self._closed_metrics: dict[str, dict[str, int]] | None = None
+        self._closed_metrics: dict[str, dict[str, Any]] | None = None
 
     # -- legacy devices ----------------------------------------------------------------------------------
     def add_platform_devices(self, hooks: PlatformHooks) -> None:
@@ -218,11 +218,12 @@ class DeviceManager:
         self.serial.receive(data)
 
     # -- state and counters ------------------------------------------------------------------------------
-    def metrics(self) -> dict[str, dict[str, int]]:
-        """Per-virtio-device counters (still answered after :meth:`close`)."""
+    def metrics(self) -> dict[str, dict[str, Any]]:
+        """Per-virtio-device counters (still answered after :meth:`close`); a vsock device also lists its
+        open connections."""
         if self._closed_metrics is not None:
             return self._closed_metrics
-        return {s.name: s.transport.metrics() for s in self.slots}
+        return {s.name: _slot_metrics(s) for s in self.slots}
 
     def platform_metrics(self) -> dict[str, Any]:
         return {
@@ -246,7 +247,7 @@ class DeviceManager:
     def close(self) -> None:
         """Stop the I/O thread and release every eventfd and backend file (disk images unlocked)."""
         if self._closed_metrics is None:
-            self._closed_metrics = {s.name: s.transport.metrics() for s in self.slots}
+            self._closed_metrics = {s.name: _slot_metrics(s) for s in self.slots}
         if self.loop.running:
             self.loop.stop()
         for s in self.slots:
@@ -265,6 +266,13 @@ class DeviceManager:
             self.loop.remove_reader(efd.fd)
             efd.close()
         irq_fd.close()
+
+
+def _slot_metrics(slot: VirtioSlot) -> dict[str, Any]:
+    metrics: dict[str, Any] = dict(slot.transport.metrics())
+    if isinstance(slot.transport.device, VirtioVsock):
+        metrics["connections"] = slot.transport.device.connections()
+    return metrics
 
 
 def queue_eventfds(transport: VirtioMmioTransport, loop: EventLoop) -> list[tuple[int, EventFd]]:

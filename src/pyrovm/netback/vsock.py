@@ -244,6 +244,14 @@ class _MuxerCore:
         self.stats.bad_clients = self.clients.bad + self._bad_connects
         return {**self.stats.__dict__, "open_connections": len(self.conns)}
 
+    def connections(self) -> list[dict[str, int]]:
+        """Per open connection: its ports, bytes each way, bytes waiting for the host to read them."""
+        return [
+            {"host_port": c.host_port, "guest_port": c.guest_port, "bytes_to_guest": c.tx_cnt,
+             "bytes_to_host": c.fwd_cnt, "waiting_for_host": len(c.out)}
+            for c in self.conns.values()
+        ]  # fmt: skip
+
     def attach(
         self, guest_cid: int, wake_rx: Callable[[], None], locked: Callable[[Callable[[], None]], None]
     ) -> None:
@@ -458,16 +466,21 @@ class VsockMuxer(_MuxerCore):
 
     def _guest_shutdown(self, conn: Conn, flags: int) -> None:
         conn.guest_shut |= flags & (SHUTDOWN_RCV | SHUTDOWN_SEND)
-        if conn.guest_shut == SHUTDOWN_RCV | SHUTDOWN_SEND or (
-            conn.guest_shut & SHUTDOWN_SEND and conn.host_eof
-        ):
-            self._flush(conn)
+        self._flush(conn)  # the data the host has not taken yet still goes first; then it may end
+        if conn.key in self.conns:
+            self._maybe_read(conn)
+
+    def _finished(self, conn: Conn) -> bool:
+        """After everything the guest sent reached the host: end the connection if both sides are done
+        (True), else pass the guest's half-close on to the host socket."""
+        if not conn.guest_shut & SHUTDOWN_SEND:
+            return False
+        if conn.guest_shut & SHUTDOWN_RCV or conn.host_eof:
             self._queue(OP_RST, conn.host_port, conn.guest_port)
             self._close(conn)
-            return
-        if conn.guest_shut & SHUTDOWN_SEND and not conn.out:
-            _shutdown(conn.sock, socket.SHUT_WR)
-        self._maybe_read(conn)
+            return True
+        _shutdown(conn.sock, socket.SHUT_WR)
+        return False
 
     # -- host sockets ----------------------------------------------------------------------------------
     def _watch(self, conn: Conn) -> None:
@@ -519,8 +532,8 @@ class VsockMuxer(_MuxerCore):
             del conn.out[:sent]
             conn.fwd_cnt += sent
             self.stats.bytes_to_host += sent
-        if not conn.out and conn.guest_shut & SHUTDOWN_SEND:
-            _shutdown(conn.sock, socket.SHUT_WR)
+        if not conn.out and self._finished(conn):
+            return
         self._credit_update(conn)
 
     # -- packets to the guest --------------------------------------------------------------------------
@@ -574,7 +587,7 @@ class VsockMuxer(_MuxerCore):
             n = 0
         if n == 0:  # the host will send no more
             conn.host_eof = True
-            if conn.guest_shut & SHUTDOWN_SEND:
+            if conn.guest_shut & SHUTDOWN_SEND and not conn.out:
                 self._queue(OP_RST, conn.host_port, conn.guest_port)
                 self._close(conn)
             else:

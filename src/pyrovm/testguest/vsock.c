@@ -3,7 +3,8 @@
  *
  *   test=vsock [port=5000] [connect=P [msg=TEXT]] [bytes=N]
  *       Listens on port (echo: every byte comes back, credit-controlled both ways), port+1 (source:
- *       sends N bytes, default 10 MiB, then shuts down) and port+2 (sink: counts and drops).  With
+ *       sends N bytes, default 10 MiB, then shuts down) and port+2 (sink: drops what it gets and closes
+ *       once the host has shut its side down, so the host sees when everything arrived).  With
  *       connect=P it first connects to the host (CID 2) port P, sends TEXT and closes; it prints
  *       "vsock: connected to host port P" or "vsock: host port P refused".  Prints
  *       "vsock: ready cid C port N" once it listens; runs until the VM is stopped.
@@ -146,6 +147,11 @@ static void pump(struct conn *c)
 			send_pkt(c, OP_RW, 0, chunk, n, 0, 0);
 		}
 		if (c->peer_done && c->rx_cnt == c->fwd_cnt) {
+			send_pkt(c, OP_SHUTDOWN, 3, NULL, 0, 0, 0);
+			drop_conn(c);
+		}
+	} else if (c->mode == MODE_SINK) {
+		if (c->peer_done) { /* all counted: close, so the host knows everything arrived */
 			send_pkt(c, OP_SHUTDOWN, 3, NULL, 0, 0, 0);
 			drop_conn(c);
 		}

@@ -85,6 +85,8 @@ class VsockBackend(Protocol):
 
     def metrics(self) -> dict[str, int]: ...
 
+    def connections(self) -> list[dict[str, int]]: ...
+
 
 @dataclass
 class VsockStats(VirtioMetrics):
@@ -127,6 +129,10 @@ class VirtioVsock(VirtioDevice):
 
     def metrics(self) -> dict[str, int]:
         return {**asdict(self.stats), **self.backend.metrics()}
+
+    def connections(self) -> list[dict[str, int]]:
+        """Counters of each open connection (``--metrics`` lists them under ``connections``)."""
+        return self.backend.connections()
 
     def save_state(self) -> VirtioVsockState:
         return VirtioVsockState(self.acked_features, self.cid)
