@@ -82,6 +82,12 @@ class Guest:
         self._reader.join(5)
 
 
+def cli_failure(argv: list[str]) -> tuple[int, list[str]]:
+    """The exit status and stderr lines of a ``pyrovm`` command expected to fail at once."""
+    proc = subprocess.run(argv, capture_output=True, text=True, env=cli_env(), timeout=60)
+    return proc.returncode, proc.stderr.strip().splitlines()
+
+
 def run_args(guest: Path, cmdline: str, *extra: str) -> list[str]:
     return pyrovm_argv("run", "--kernel", str(guest), "--cmdline", cmdline, "--console", "stdio", *extra)
 
@@ -196,17 +202,10 @@ def test_tap_errors(ns: NetNs, guest: Path, monkeypatch: pytest.MonkeyPatch) -> 
         ConfigError, match=r"/nonexistent/tun is missing \(load the tun module: modprobe tun\)"
     ):
         open_tap("tap0")
-    proc = subprocess.run(
-        ns.argv(*run_args(guest, "test=net ip=10.0.0.2", "--net", "tap=lo")),
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=60,
+    assert cli_failure(ns.argv(*run_args(guest, "test=net ip=10.0.0.2", "--net", "tap=lo"))) == (
+        2,
+        ["pyrovm: lo is not a tap device (a tun device or another kind of interface?)"],
     )
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        "pyrovm: lo is not a tap device (a tun device or another kind of interface?)"
-    ]
 
 
 # -- user mode (passt) ---------------------------------------------------------------------------------
@@ -279,15 +278,12 @@ def test_user_mode_host_port_in_use(guest: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        proc = subprocess.run(
-            run_args(guest, "test=net ip=dhcp", "--net", f"user,hostfwd=tcp::{port}-:22"),
-            capture_output=True,
-            text=True,
-            env=cli_env(),
-            timeout=60,
-        )
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        f"pyrovm: port forward tcp:127.0.0.1:{port}-:22: host port {port}/tcp on 127.0.0.1 is already in use"
-    ]
+        failure = cli_failure(run_args(guest, "test=net ip=dhcp", "--net", f"user,hostfwd=tcp::{port}-:22"))
+    assert failure == (
+        2,
+        [
+            f"pyrovm: port forward tcp:127.0.0.1:{port}-:22: "
+            f"host port {port}/tcp on 127.0.0.1 is already in use"
+        ],
+    )
     assert not subprocess.run(["pgrep", "-f", f"passt.*{port}"], capture_output=True).stdout

@@ -294,12 +294,7 @@ class VsockSpec:
             raise ConfigError(f"{what}: longer than a Unix socket path may be (107 bytes)")
         if self.uds is not None and os.path.lexists(path):
             raise ConfigError(f"{what} already exists (remove it, or give another uds=)")
-        parent = path.parent if str(path.parent) else Path(".")
-        pst = _stat_or_none(parent, f"{what}: directory {parent}")
-        if pst is None or not stat.S_ISDIR(pst.st_mode):
-            raise ConfigError(f"{what}: directory {parent} does not exist")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise ConfigError(f"{what}: directory {parent} is not writable")
+        _writable_dir(path, what)
 
     def to_json(self) -> dict[str, Any]:
         return {"cid": self.cid, "uds": None if self.uds is None else str(self.uds)}
@@ -626,6 +621,11 @@ def _writable_path(path: Path, what: str) -> None:
         if not os.access(path, os.W_OK):
             raise ConfigError(f"{what}: not writable")
         return
+    _writable_dir(path, what)
+
+
+def _writable_dir(path: Path, what: str) -> None:
+    """ConfigError unless the directory *path* would be made in exists and is writable."""
     parent = path.parent if str(path.parent) else Path(".")
     pst = _stat_or_none(parent, f"{what}: directory {parent}")
     if pst is None or not stat.S_ISDIR(pst.st_mode):

@@ -491,9 +491,7 @@ class VirtioBlock(VirtioDevice):
 
         Raises only :class:`QueueBrokenError`, after serving the requests it held for merging.
         """
-        if not 0 <= queue_index < len(self.queues):
-            return
-        queue = self.queues[queue_index]
+        queue = self.live_queue(queue_index)
         if queue is None:
             return
         queue.drain(self._serve_batch)

@@ -150,12 +150,14 @@ class VirtioDevice:
         """Load *state* (from :meth:`save_state` of a device of the same kind and configuration)."""
         self.acked_features = state.acked_features
 
+    def live_queue(self, index: int) -> SplitQueue | None:
+        """Queue *index* when it exists and the driver made it ready, else None."""
+        return self.queues[index] if 0 <= index < len(self.queues) else None
+
     # -- requests --------------------------------------------------------------------------------------
     def process(self, queue_index: int) -> None:
         """Serve every available chain of queue *queue_index*.  Raises only :class:`QueueBrokenError`."""
-        if not 0 <= queue_index < len(self.queues):
-            return
-        queue = self.queues[queue_index]
+        queue = self.live_queue(queue_index)
         if queue is None:
             return
         add_used = queue.add_used

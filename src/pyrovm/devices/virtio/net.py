@@ -315,9 +315,7 @@ class VirtioNet(VirtioDevice):
 
     # -- queues ------------------------------------------------------------------------------------------
     def process(self, queue_index: int) -> None:
-        if not 0 <= queue_index < len(self.queues):
-            return
-        queue = self.queues[queue_index]
+        queue = self.live_queue(queue_index)
         if queue is None:
             return
         if queue_index == RX:

@@ -156,10 +156,9 @@ class VirtioVsock(VirtioDevice):
     def transport_reset(self) -> bool:
         """Tell the guest every connection is gone (event TRANSPORT_RESET); False without an event buffer."""
         self.backend.reset()
-        if not self.active or len(self.queues) <= EVENT or self.queues[EVENT] is None:
+        q = self.live_queue(EVENT)
+        if q is None:
             return False
-        q = self.queues[EVENT]
-        assert q is not None
         while True:
             try:
                 chain = q.pop()
@@ -174,9 +173,7 @@ class VirtioVsock(VirtioDevice):
 
     # -- queues ----------------------------------------------------------------------------------------
     def process(self, queue_index: int) -> None:
-        if not 0 <= queue_index < len(self.queues):
-            return
-        queue = self.queues[queue_index]
+        queue = self.live_queue(queue_index)
         if queue is None:
             return
         if queue_index == TX:
