@@ -245,6 +245,8 @@ class VirtioNet(VirtioDevice):
         self._watch_read = self._watch_write = False
         self._tx_blocked = False
         self._mrg = False
+        #: the backend's readiness callback, run under the transport's lock like the queue work
+        self._ready_callback = lambda: self.locked(self._backend_ready)
 
     # -- description ---------------------------------------------------------------------------------
     def device_features(self) -> int:
@@ -286,7 +288,7 @@ class VirtioNet(VirtioDevice):
     def _watch(self, *, read: bool, write: bool) -> None:
         if (read, write) != (self._watch_read, self._watch_write):
             self._watch_read, self._watch_write = read, write
-            self.poller.watch(self._fd, self._backend_ready, read=read, write=write)
+            self.poller.watch(self._fd, self._ready_callback, read=read, write=write)
 
     def _backend_ready(self) -> None:
         """The backend is readable or writable (I/O thread): move what can move now."""
