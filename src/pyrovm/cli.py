@@ -122,6 +122,12 @@ def _cmd_guest_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .api.firecracker import main as fc_main
+
+    return fc_main(args.fc_args, prog="pyrovm serve")
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import run_doctor
 
@@ -294,6 +300,17 @@ def build_parser(with_tools: bool = True) -> argparse.ArgumentParser:
         "virtualization, then boot the test guest and time an exit round trip.",
     )
     doctor.set_defaults(func=_cmd_doctor)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve the Firecracker-compatible API on a Unix socket",
+        description="The Firecracker-compatible API (the same server as pyrovm-firecracker, whose flags it "
+        "takes: see 'pyrovm-firecracker --help'). The guest console is this process's stdin/stdout.",
+    )
+    serve.add_argument(
+        "fc_args", nargs=argparse.REMAINDER, help="pyrovm-firecracker's flags (--api-sock PATH...)"
+    )
+    serve.set_defaults(func=_cmd_serve)
 
     if with_tools:
         from . import disk, initramfs

@@ -1,0 +1,231 @@
+"""The API's rules, without HTTP: which request is allowed in which state, and what it does.
+
+:meth:`Controller.handle` takes a method, a path and a decoded JSON body (or None) and returns a status
+and a JSON value (or None for 204).  Refusals are :class:`~pyrovm.api.resources.ApiError` (400 with a
+``fault_message``), worded as Firecracker words them.  Calls are serialised by one lock: the server may
+run several connections at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pyrovm import __version__
+from pyrovm.errors import PyrovmError
+
+from .resources import ApiError, Resources, fields
+
+log = logging.getLogger("pyrovm.api")
+
+#: The Firecracker API version whose behaviour pyrovm follows (clients check it in GET /version).
+FIRECRACKER_VERSION = "1.10.0"
+BEFORE = "The requested operation is not supported before starting the microVM."
+AFTER = "The requested operation is not supported after starting the microVM."
+NOT_YET = {
+    "/balloon": "A balloon device",
+    "/mmds": "MMDS (the microVM metadata service)",
+    "/mmds/config": "MMDS (the microVM metadata service)",
+    "/cpu-config": "Custom CPU templates",
+    "/hotplug/memory": "Memory hotplug",
+    "/serial": "Serial output redirection",
+}
+
+Reply = tuple[int, Any]
+
+
+class Controller:
+    """The state behind one API socket: pre-boot resources, then the running VM."""
+
+    def __init__(self, instance_id: str = "anonymous-instance", *, console: Any = None) -> None:
+        self.id = instance_id
+        self.resources = Resources()
+        self.vm: Any = None  # pyrovm.vmm.VM once started
+        self._console = console
+        self._lock = threading.Lock()
+        self.on_exit: Callable[[Any], None] | None = None  # called with the VmExit when the guest ends
+
+    @property
+    def state(self) -> str:
+        if self.vm is None:
+            return "Not started"
+        return "Paused" if self.vm.state == "paused" else "Running"
+
+    def handle(self, method: str, path: str, body: Any) -> Reply:
+        with self._lock:
+            try:
+                return self._dispatch(method, path.split("?", 1)[0], body)
+            except ApiError as e:
+                return 400, {"fault_message": e.message}
+
+    # -- routing ---------------------------------------------------------------------------------------
+    def _dispatch(self, method: str, path: str, body: Any) -> Reply:
+        if method in ("PUT", "PATCH") and body is None:
+            raise ApiError(f"Empty {method} request.")
+        if method == "GET":
+            return self._get(path)
+        m = re.fullmatch(r"/(drives|network-interfaces)/([^/]*)", path)
+        if m:
+            return self._device(method, m.group(1), m.group(2), body)
+        route = {
+            ("PUT", "/boot-source"): self._put_boot_source,
+            ("PUT", "/machine-config"): lambda b: self._pre_boot(self.resources.put_machine_config, b),
+            ("PATCH", "/machine-config"): lambda b: self._pre_boot(
+                lambda x: self.resources.put_machine_config(x, partial=True), b
+            ),
+            ("PUT", "/vsock"): lambda b: self._pre_boot(self.resources.put_vsock, b),
+            ("PUT", "/entropy"): lambda b: self._pre_boot(self.resources.put_entropy, b),
+            ("PUT", "/metrics"): self._put_metrics,
+            ("PUT", "/logger"): self._put_logger,
+            ("PUT", "/actions"): self._actions,
+            ("PATCH", "/vm"): self._patch_vm,
+        }.get((method, path))
+        if route is not None:
+            return route(body)
+        if path in ("/snapshot/create", "/snapshot/load") and method == "PUT":
+            raise ApiError("Snapshots are not supported by pyrovm yet.")
+        if path in NOT_YET and method in ("GET", "PUT", "PATCH"):
+            raise ApiError(f"{NOT_YET[path]} is not supported by pyrovm yet.")
+        raise ApiError(f"Invalid request method and/or path: {method} {path}.")
+
+    def _get(self, path: str) -> Reply:
+        if path == "/":
+            return 200, {
+                "id": self.id,
+                "state": self.state,
+                "vmm_version": __version__,
+                "app_name": "Firecracker",
+            }
+        if path == "/version":
+            return 200, {"firecracker_version": FIRECRACKER_VERSION}
+        if path == "/machine-config":
+            return 200, self.resources.machine_config()
+        if path == "/vm/config":
+            return 200, self.resources.vm_config()
+        if path in NOT_YET:
+            raise ApiError(f"{NOT_YET[path]} is not supported by pyrovm yet.")
+        raise ApiError(f"Invalid request method and/or path: GET {path}.")
+
+    def _pre_boot(self, fn: Callable[[Any], None], body: Any) -> Reply:
+        if self.vm is not None:
+            raise ApiError(AFTER)
+        fn(body)
+        return 204, None
+
+    def _put_boot_source(self, body: Any) -> Reply:
+        return self._pre_boot(self.resources.put_boot_source, body)
+
+    def _device(self, method: str, kind: str, dev_id: str, body: Any) -> Reply:
+        if method == "PUT":
+            put = self.resources.put_drive if kind == "drives" else self.resources.put_nic
+            return self._pre_boot(lambda b: put(dev_id, b), body)
+        if method == "PATCH":
+            if self.vm is None:
+                raise ApiError(BEFORE)
+            what = "Swapping a drive's backing file" if kind == "drives" else "Changing a network interface"
+            raise ApiError(f"{what} after boot is not supported by pyrovm yet.")
+        raise ApiError(f"Invalid request method and/or path: {method} /{kind}/{dev_id}.")
+
+    def _put_metrics(self, body: Any) -> Reply:
+        b = fields(body, {"metrics_path": str}, ("metrics_path",))
+        if self.vm is not None:
+            raise ApiError(AFTER)
+        self.resources.metrics_path = b["metrics_path"]
+        return 204, None
+
+    def _put_logger(self, body: Any) -> Reply:
+        allowed = {
+            "log_path": (str, type(None)),
+            "level": (str, type(None)),
+            "show_level": (bool, type(None)),
+            "show_log_origin": (bool, type(None)),
+            "module": (str, type(None)),
+        }
+        b = fields(body, allowed)
+        if self.vm is not None:
+            raise ApiError(AFTER)
+        level = (b.get("level") or "Info").capitalize()
+        if level not in ("Off", "Error", "Warning", "Info", "Debug", "Trace"):
+            raise ApiError(f"Invalid log level: {b.get('level')}.")
+        if b.get("log_path"):
+            from .logs import configure_logging
+
+            try:
+                configure_logging(
+                    b["log_path"], level, bool(b.get("show_level")), bool(b.get("show_log_origin"))
+                )
+            except OSError as e:
+                raise ApiError(f"Cannot open the log file {b['log_path']}: {e.strerror}") from None
+        return 204, None
+
+    # -- actions and state -----------------------------------------------------------------------------
+    def _actions(self, body: Any) -> Reply:
+        b = fields(body, {"action_type": str}, ("action_type",))
+        action = b["action_type"]
+        if action == "InstanceStart":
+            if self.vm is not None:
+                raise ApiError(AFTER)
+            self._start()
+        elif action == "FlushMetrics":
+            if self.vm is None:
+                raise ApiError(BEFORE)
+            self._flush_metrics()
+        elif action == "SendCtrlAltDel":
+            if self.vm is None:
+                raise ApiError(BEFORE)
+            raise ApiError("SendCtrlAltDel is not supported by pyrovm yet.")
+        else:
+            raise ApiError(
+                "An error occurred when deserializing the json body of a request: "
+                f"unknown variant `{action}`, "
+                "expected one of `FlushMetrics`, `InstanceStart`, `SendCtrlAltDel`."
+            )
+        return 204, None
+
+    def _start(self) -> None:
+        from pyrovm.vmm import VM
+
+        config = self.resources.to_config(self.id)
+        try:
+            vm = VM.from_config(config, console=self._console)
+        except PyrovmError as e:
+            raise ApiError(f"Failed to start microVM: {e}") from None
+        self.vm = vm
+        vm.start()
+        if self.on_exit is not None:
+            callback = self.on_exit
+            threading.Thread(target=lambda: callback(vm.wait()), name="pyrovm-api-wait", daemon=True).start()
+
+    def _flush_metrics(self) -> None:
+        path = self.resources.metrics_path
+        if path is None:
+            return
+        try:
+            with open(path, "a") as f:  # one JSON object a line, as Firecracker writes them
+                f.write(json.dumps(self.vm.metrics()) + "\n")
+        except OSError as e:
+            raise ApiError(f"Cannot write metrics to {path}: {e.strerror}") from None
+
+    def _patch_vm(self, body: Any) -> Reply:
+        b = fields(body, {"state": str}, ("state",))
+        if self.vm is None:
+            raise ApiError(BEFORE)
+        if b["state"] == "Paused":
+            self.vm.pause()
+        elif b["state"] == "Resumed":
+            self.vm.resume()
+        else:
+            raise ApiError(
+                f"An error occurred when deserializing the json body of a request: unknown variant "
+                f"`{b['state']}`, expected `Paused` or `Resumed`."
+            )
+        return 204, None
+
+    def close(self) -> None:
+        with self._lock:
+            if self.vm is not None:
+                self.vm.close()
