@@ -434,3 +434,12 @@ def test_config_file_boots_at_once_and_errors_name_the_field(guest: Path, tmp_pa
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert f"config file {cfg}: drives[0]:" in lines[0] and "`is_root_device`" in lines[0]
     os.unlink(cfg)
+
+
+def test_logger_on_a_fifo_without_reader_is_refused_not_hung(tmp_path: Path) -> None:
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    c = Controller()
+    t0 = time.monotonic()
+    message = fault(c.handle("PUT", "/logger", {"log_path": str(fifo), "level": "Info"}))
+    assert time.monotonic() - t0 < 2 and message.startswith(f"Cannot open the log file {fifo}")

@@ -204,8 +204,10 @@ class Controller:
         path = self.resources.metrics_path
         if path is None:
             return
+        from .logs import open_append
+
         try:
-            with open(path, "a") as f:  # one JSON object a line, as Firecracker writes them
+            with open_append(path) as f:  # one JSON object a line, as Firecracker writes them
                 f.write(json.dumps(self.vm.metrics()) + "\n")
         except OSError as e:
             raise ApiError(f"Cannot write metrics to {path}: {e.strerror}") from None

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import os
+from typing import IO
 
 LEVELS = {
     "Off": logging.CRITICAL + 10,
@@ -21,7 +24,7 @@ def configure_logging(path: str, level: str, show_level: bool, show_origin: bool
     global _handler
     fmt = "%(asctime)s [%(name)s" + (":%(levelname)s" if show_level else "")
     fmt += (":%(pathname)s:%(lineno)d" if show_origin else "") + "] %(message)s"
-    handler = logging.FileHandler(path)  # OSError for a path that cannot be written: the caller reports it
+    handler = logging.StreamHandler(open_append(path))  # OSError: the caller reports it
     handler.setFormatter(logging.Formatter(fmt))
     root = logging.getLogger("pyrovm")
     if _handler is not None:
@@ -30,3 +33,11 @@ def configure_logging(path: str, level: str, show_level: bool, show_origin: bool
     _handler = handler
     root.addHandler(handler)
     root.setLevel(LEVELS[level])
+
+
+def open_append(path: str) -> IO[str]:
+    """*path* opened for appending text without ever blocking: a FIFO (as firecracker-go-sdk passes for
+    logs and metrics) must already have a reader, else OSError (ENXIO) instead of a hang."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    os.set_blocking(fd, True)
+    return io.TextIOWrapper(io.FileIO(fd, "w"), line_buffering=True)
