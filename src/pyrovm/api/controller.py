@@ -13,6 +13,7 @@ import logging
 import re
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pyrovm import __version__
@@ -36,6 +37,12 @@ NOT_YET = {
 }
 
 Reply = tuple[int, Any]
+OPENAPI = Path(__file__).with_name("openapi.json")
+
+
+def openapi_document() -> Any:
+    """pyrovm's API as an OpenAPI 3 document (``src/pyrovm/api/openapi.json``, served at /openapi.json)."""
+    return json.loads(OPENAPI.read_text())
 
 
 class Controller:
@@ -106,6 +113,8 @@ class Controller:
             return 200, self.resources.machine_config()
         if path == "/vm/config":
             return 200, self.resources.vm_config()
+        if path == "/openapi.json":
+            return 200, openapi_document()
         if path in NOT_YET:
             raise ApiError(f"{NOT_YET[path]} is not supported by pyrovm yet.")
         raise ApiError(f"Invalid request method and/or path: GET {path}.")
