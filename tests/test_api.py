@@ -116,9 +116,9 @@ def test_describe_version_and_machine_config_defaults() -> None:
                 "drive_id": "r",
                 "is_root_device": True,
                 "path_on_host": "x",
-                "rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1}},
+                "rate_limiter": {"bandwidth": {"size": 1}},
             },
-            "Rate limiters",
+            "a token bucket is {size, refill_time[, one_time_burst]}",
         ),
     ],
 )
@@ -357,7 +357,7 @@ def test_curl_through_every_endpoint(guest: Path, tmp_path: Path) -> None:
             ("GET", "/machine-config", None, 200),
             ("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 64}, 204),
             ("PATCH", "/machine-config", {"mem_size_mib": 96}, 204),
-            ("PUT", "/boot-source", {"kernel_image_path": str(guest), "boot_args": "test=virtio"}, 204),
+            ("PUT", "/boot-source", {"kernel_image_path": str(guest), "boot_args": "test=spin"}, 204),
             (
                 "PUT",
                 "/drives/d1",
@@ -380,7 +380,13 @@ def test_curl_through_every_endpoint(guest: Path, tmp_path: Path) -> None:
             ("PATCH", "/vm", {"state": "Resumed"}, 204),
             ("PUT", "/actions", {"action_type": "FlushMetrics"}, 204),
             ("PUT", "/boot-source", {"kernel_image_path": "k"}, 400),
-            ("PATCH", "/drives/d1", {"drive_id": "d1", "path_on_host": str(disk)}, 400),
+            ("PATCH", "/drives/d1", {"drive_id": "d1", "path_on_host": str(tmp_path / "other")}, 400),
+            (
+                "PATCH",
+                "/drives/d1",
+                {"drive_id": "d1", "rate_limiter": {"ops": {"size": 100, "refill_time": 10}}},
+                204,
+            ),
             ("PUT", "/actions", {"action_type": "SendCtrlAltDel"}, 400),
             ("GET", "/balloon", None, 400),
         ]
@@ -391,6 +397,8 @@ def test_curl_through_every_endpoint(guest: Path, tmp_path: Path) -> None:
                 assert "fault_message" in json.loads(text)
         flushed = [json.loads(line) for line in metrics.read_text().splitlines()]
         assert len(flushed) == 1 and "virtio-blk:vda" in flushed[0]["devices"]
+        code, text = curl("GET", "/vm/config")
+        assert json.loads(text)["drives"][0]["rate_limiter"]["ops"]["size"] == 100
         assert (tmp_path / "log").exists()
     finally:
         proc.kill()

@@ -27,6 +27,7 @@ from pyrovm.config import (
     host_memory,
     parse_size,
 )
+from pyrovm.devices.ratelimit import BucketSpec, RateLimitSpec
 from pyrovm.errors import ConfigError, PyrovmError
 
 
@@ -94,7 +95,12 @@ def _full(tmp_path: Path) -> VmConfig:
         boot="linux64",
         cpu_vendor="GenuineIntel",
         disks=(
-            DiskSpec(tmp_path / "d1.img", read_only=True, serial="data-1"),
+            DiskSpec(
+                tmp_path / "d1.img",
+                read_only=True,
+                serial="data-1",
+                rate_limiter=RateLimitSpec(BucketSpec(4096, 100)),
+            ),
             DiskSpec(tmp_path / "d2.img", read_only=False, serial=None),
         ),
         rootfs=DiskSpec(tmp_path / "root.img", read_only=True, serial="root"),
@@ -328,8 +334,18 @@ def test_json_round_trip_every_field(tmp_path: Path) -> None:
     ):
         assert getattr(cfg, name) != default, f"{name} is still at its default"
     assert json.loads(json.dumps(data)) == data
-    assert data["disks"][0] == {"path": str(tmp_path / "d1.img"), "read_only": True, "serial": "data-1"}
-    assert data["rootfs"] == {"path": str(tmp_path / "root.img"), "read_only": True, "serial": "root"}
+    assert data["disks"][0] == {
+        "path": str(tmp_path / "d1.img"),
+        "read_only": True,
+        "serial": "data-1",
+        "rate_limiter": {"bandwidth": {"size": 4096, "refill_time": 100, "one_time_burst": 0}, "ops": None},
+    }
+    assert data["rootfs"] == {
+        "path": str(tmp_path / "root.img"),
+        "read_only": True,
+        "serial": "root",
+        "rate_limiter": None,
+    }
     assert data["net"][1] == {
         "backend": "user",
         "tap": None,

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .arch.x86 import layout
+from .devices.ratelimit import RateLimitSpec
 from .devices.virtio.net import MAX_MTU, MIN_MTU, format_mac, parse_mac
 from .devices.virtio.vsock import check_cid
 from .errors import ConfigError
@@ -78,6 +79,7 @@ class DiskSpec:
     path: Path
     read_only: bool = False
     serial: str | None = None
+    rate_limiter: RateLimitSpec | None = None  # Firecracker's token buckets (bytes, requests)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -108,17 +110,24 @@ class DiskSpec:
         return cls.parse(spec) if isinstance(spec, str) else cls(Path(spec))
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": str(self.path), "read_only": self.read_only, "serial": self.serial}
+        limiter = None if self.rate_limiter is None else self.rate_limiter.to_json()
+        return {
+            "path": str(self.path),
+            "read_only": self.read_only,
+            "serial": self.serial,
+            "rate_limiter": limiter,
+        }
 
     @classmethod
     def from_json(cls, data: Any) -> DiskSpec:
-        fields = _object(data, "disk", {"path", "read_only", "serial"})
+        fields = _object(data, "disk", {"path", "read_only", "serial", "rate_limiter"})
         if "path" not in fields:
             raise ConfigError("disk: 'path' is required")
         return cls(
             Path(_typed(fields["path"], str, "disk path")),
             bool(_typed(fields.get("read_only", False), bool, "disk read_only")),
             _typed(fields.get("serial"), str | None, "disk serial"),  # type: ignore[arg-type]
+            RateLimitSpec.from_json(fields.get("rate_limiter"), "disk rate_limiter"),
         )
 
     def validate(self) -> None:

@@ -152,7 +152,14 @@ class DeviceManager:
         """virtio-blk for *spec* as ``/dev/vd<letter of index>``; ConfigError when it cannot be opened."""
         name = f"vd{chr(ord('a') + index)}"
         try:
-            dev = VirtioBlock(spec.path, read_only=spec.read_only, serial=spec.serial, name=name)
+            dev = VirtioBlock(
+                spec.path,
+                read_only=spec.read_only,
+                serial=spec.serial,
+                name=name,
+                rate_limiter=spec.rate_limiter,
+                scheduler=self.loop,
+            )
         except BlockError as exc:
             raise ConfigError(str(exc)) from exc
         try:

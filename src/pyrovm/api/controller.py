@@ -19,7 +19,7 @@ from typing import Any
 from pyrovm import __version__
 from pyrovm.errors import PyrovmError
 
-from .resources import ApiError, Resources, fields
+from .resources import ApiError, Resources, check_id, fields, rate_limiter
 
 log = logging.getLogger("pyrovm.api")
 
@@ -135,9 +135,29 @@ class Controller:
         if method == "PATCH":
             if self.vm is None:
                 raise ApiError(BEFORE)
-            what = "Swapping a drive's backing file" if kind == "drives" else "Changing a network interface"
-            raise ApiError(f"{what} after boot is not supported by pyrovm yet.")
+            if kind == "drives":
+                return self._patch_drive(dev_id, body)
+            raise ApiError("Changing a network interface after boot is not supported by pyrovm yet.")
         raise ApiError(f"Invalid request method and/or path: {method} /{kind}/{dev_id}.")
+
+    def _patch_drive(self, drive_id: str, body: Any) -> Reply:
+        """PATCH /drives/{id} after boot: new rate limits (a new backing file is not supported yet)."""
+        b = fields(
+            body, {"drive_id": str, "path_on_host": str, "rate_limiter": (dict, type(None))}, ("drive_id",)
+        )
+        check_id(drive_id, b["drive_id"], "drive")
+        drive = self.resources.drives.get(drive_id)
+        if drive is None:
+            raise ApiError(f"Invalid block device ID: {drive_id} (no such drive).")
+        if "path_on_host" in b and b["path_on_host"] != drive.path_on_host:
+            raise ApiError("Swapping a drive's backing file after boot is not supported by pyrovm yet.")
+        if "rate_limiter" in b:
+            limiter = rate_limiter(b["rate_limiter"])
+            name = f"virtio-blk:vd{chr(ord('a') + self.resources.drive_order().index(drive_id))}"
+            device = next(s.transport.device for s in self.vm.machine.devices.slots if s.name == name)
+            device.throttle.update(limiter)
+            drive.limiter = limiter
+        return 204, None
 
     def _put_metrics(self, body: Any) -> Reply:
         b = fields(body, {"metrics_path": str}, ("metrics_path",))

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from pyrovm.config import DiskSpec, NetSpec, VmConfig, VsockSpec
-from pyrovm.errors import PyrovmError
+from pyrovm.devices.ratelimit import RateLimitSpec
+from pyrovm.errors import ConfigError, PyrovmError
 
 #: Firecracker's default kernel command line when ``boot_args`` is not given.
 DEFAULT_BOOT_ARGS = "reboot=k panic=1 pci=off nomodule 8250.nr_uarts=0 i8042.noaux i8042.nomux i8042.dumbkbd"
@@ -70,12 +71,24 @@ def check_id(path_id: str, body_id: Any, what: str) -> None:
 _RATE_LIMITER = (dict, type(None))
 
 
+def rate_limiter(data: Any) -> RateLimitSpec | None:
+    """A Firecracker ``rate_limiter`` body (ApiError when malformed)."""
+    try:
+        return RateLimitSpec.from_json(data)
+    except ConfigError as e:
+        raise ApiError(f"An error occurred when deserializing the json body of a request: {e}.") from None
+
+
 @dataclass
 class Drive:
     drive_id: str
     path_on_host: str
     is_root_device: bool
     is_read_only: bool
+    limiter: RateLimitSpec | None = None
+
+    def disk_spec(self) -> DiskSpec:
+        return DiskSpec(Path(self.path_on_host), self.is_read_only, rate_limiter=self.limiter)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -86,7 +99,7 @@ class Drive:
             "partuuid": None,
             "cache_type": "Unsafe",
             "io_engine": "Sync",
-            "rate_limiter": None,
+            "rate_limiter": None if self.limiter is None else self.limiter.to_json(),
         }
 
 
@@ -163,14 +176,15 @@ class Resources:
             raise ApiError(
                 "Unable to create the block device: path_on_host is required (vhost-user is not supported)."
             )
-        if b.get("rate_limiter") is not None:
-            raise ApiError("Rate limiters are not supported by pyrovm yet.")
+        limiter = rate_limiter(b.get("rate_limiter"))
         if b.get("partuuid") is not None:
             raise ApiError("A root partition UUID (partuuid) is not supported by pyrovm yet.")
         root = b["is_root_device"]
         if root and any(d.is_root_device and d.drive_id != drive_id for d in self.drives.values()):
             raise ApiError("A root block device already exists!")
-        self.drives[drive_id] = Drive(drive_id, b["path_on_host"], root, bool(b.get("is_read_only") or False))
+        self.drives[drive_id] = Drive(
+            drive_id, b["path_on_host"], root, bool(b.get("is_read_only") or False), limiter
+        )
 
     def put_nic(self, iface_id: str, body: Any) -> None:
         allowed = {
@@ -230,6 +244,13 @@ class Resources:
             "metrics": None if self.metrics_path is None else {"metrics_path": self.metrics_path},
         }
 
+    def drive_order(self) -> list[str]:
+        """Drive ids in guest order (the root first: vda, then the others as they were put)."""
+        drives = self.drives.values()
+        return [d.drive_id for d in drives if d.is_root_device] + [
+            d.drive_id for d in drives if not d.is_root_device
+        ]
+
     def to_config(self, name: str) -> VmConfig:
         """The VmConfig to build (ApiError when no kernel was given)."""
         if self.kernel is None:
@@ -244,8 +265,8 @@ class Resources:
             cpus=self.vcpu_count,
             cmdline="console=ttyS0 " + cmdline if "console=" not in cmdline else cmdline,
             initrd=None if self.initrd is None else Path(self.initrd),
-            rootfs=DiskSpec(Path(root[0].path_on_host), root[0].is_read_only) if root else None,
-            disks=tuple(DiskSpec(Path(d.path_on_host), d.is_read_only) for d in others),
+            rootfs=root[0].disk_spec() if root else None,
+            disks=tuple(d.disk_spec() for d in others),
             rng=self.entropy,
             net=nets,
             vsock=None

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
 
+from pyrovm.devices.ratelimit import RateLimitSpec, Scheduler, Throttle
 from pyrovm.devices.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice, VirtioDeviceState
 from pyrovm.devices.virtio.queue import ChainError, DescriptorChain, SplitQueue, split_views, trim_views
 from pyrovm.errors import DeviceError
@@ -374,6 +375,32 @@ def parse_segments(chain: DescriptorChain, zeroes: bool) -> list[tuple[int, int,
     return segments
 
 
+def _config_space(capacity: int, queue_size: int) -> bytes:
+    """The virtio-blk configuration space of a disk of *capacity* sectors."""
+    return CONFIG.pack(
+        capacity,
+        0,  # size_max (feature not offered)
+        max(queue_size - 2, 1),  # seg_max
+        0,
+        0,
+        0,  # geometry
+        SECTOR_SIZE,  # blk_size
+        0,
+        0,
+        0,
+        0,  # topology
+        0,  # writeback
+        0,  # unused0
+        1,  # num_queues
+        MAX_DISCARD_SECTORS,
+        MAX_DISCARD_SEG,
+        DISCARD_SECTOR_ALIGNMENT,
+        MAX_WRITE_ZEROES_SECTORS,
+        MAX_WRITE_ZEROES_SEG,
+        1,  # write_zeroes_may_unmap
+    )
+
+
 class VirtioBlock(VirtioDevice):
     """A virtio block device backed by a raw image file."""
 
@@ -387,10 +414,14 @@ class VirtioBlock(VirtioDevice):
         serial: str | bytes | None = None,
         queue_size: int = 256,
         name: str | None = None,
+        rate_limiter: RateLimitSpec | None = None,
+        scheduler: Scheduler | None = None,
     ) -> None:
-        """Open and lock *path*; raises :class:`BlockError` / :class:`DiskLockedError` naming the file."""
+        """Open and lock *path*; raises :class:`BlockError` / :class:`DiskLockedError` naming the file.
+        *rate_limiter* (bytes of reads and writes, requests) needs *scheduler* for its timers."""
         self.path = Path(path)
         super().__init__(name or f"virtio-blk({self.path.name})", [queue_size])
+        self.throttle = Throttle(rate_limiter, scheduler)
         if isinstance(serial, str):
             try:
                 serial = serial.encode("ascii")
@@ -423,28 +454,7 @@ class VirtioBlock(VirtioDevice):
         self.fd = fd
         self.size = size
         self.capacity = size >> SECTOR_SHIFT
-        self._config = CONFIG.pack(
-            self.capacity,
-            0,  # size_max (feature not offered)
-            max(queue_size - 2, 1),  # seg_max
-            0,
-            0,
-            0,  # geometry
-            SECTOR_SIZE,  # blk_size
-            0,
-            0,
-            0,
-            0,  # topology
-            0,  # writeback
-            0,  # unused0
-            1,  # num_queues
-            MAX_DISCARD_SECTORS,
-            MAX_DISCARD_SEG,
-            DISCARD_SECTOR_ALIGNMENT,
-            MAX_WRITE_ZEROES_SECTORS,
-            MAX_WRITE_ZEROES_SEG,
-            1,  # write_zeroes_may_unmap
-        )
+        self._config = _config_space(self.capacity, queue_size)
 
     # -- description -----------------------------------------------------------------------------------
     def device_features(self) -> int:
@@ -494,7 +504,30 @@ class VirtioBlock(VirtioDevice):
         queue = self.live_queue(queue_index)
         if queue is None:
             return
-        queue.drain(self._serve_batch)
+        if self.throttle.limiter is not None:
+            if self.throttle.resume is None and self._kick is not None:
+                kick = self._kick
+                self.throttle.resume = lambda: kick(queue_index)
+            queue.drain(self._serve_limited)
+        else:
+            queue.drain(self._serve_batch)
+
+    def _serve_limited(self, queue: SplitQueue, batch: list[DescriptorChain | ChainError]) -> bool:
+        """Serve *batch* one request at a time as the rate limiter allows; the rest waits for its timer."""
+        size, read_only, allow = self.size, self.read_only, self.throttle.allow
+        for i, chain in enumerate(batch):
+            if type(chain) is not DescriptorChain:
+                self.chain_failed(queue, chain)  # type: ignore[arg-type]
+                continue
+            req = parse_request(chain, size, read_only)
+            if not allow(req[4] if req[8] else 0):
+                queue.undo_pop(len(batch) - i)
+                return False
+            queue.add_used(chain.head, self.serve(req))
+        return True
+
+    def metrics(self) -> dict[str, int]:
+        return {**super().metrics(), **self.throttle.metrics()}
 
     def _serve_batch(self, queue: SplitQueue, batch: list[DescriptorChain | ChainError]) -> bool:
         """Serve *batch*, merging runs of adjacent plain reads (or writes) into one syscall; everything is
