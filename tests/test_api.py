@@ -141,7 +141,15 @@ def test_second_root_drive_and_vm_config() -> None:
     assert c.handle("PUT", "/vsock", {"guest_cid": 3, "uds_path": "/tmp/v.sock"})[0] == 204
     cfg = c.handle("GET", "/vm/config", None)[1]
     assert cfg["boot-source"]["kernel_image_path"] == "/k" and cfg["drives"][0]["is_root_device"]
-    assert cfg["network-interfaces"] == [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": None}]
+    assert cfg["network-interfaces"] == [
+        {
+            "iface_id": "eth0",
+            "host_dev_name": "tap0",
+            "guest_mac": None,
+            "rx_rate_limiter": None,
+            "tx_rate_limiter": None,
+        }
+    ]
     vm_config = c.resources.to_config("x")
     assert (
         vm_config.rootfs is not None and str(vm_config.rootfs.path) == "/r" and vm_config.net[0].tap == "tap0"

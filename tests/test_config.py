@@ -352,6 +352,8 @@ def test_json_round_trip_every_field(tmp_path: Path) -> None:
         "mac": None,
         "mtu": 1500,
         "hostfwd": ["udp:127.0.0.1:5555-:7"],
+        "rx_rate_limiter": None,
+        "tx_rate_limiter": None,
     }
     back = _round_trip(cfg)
     assert back == cfg

@@ -327,3 +327,34 @@ def test_reset_stops_watching(packet_rig: tuple[Rig, socket.socket]) -> None:
     rig.dev.reset()
     assert not rig.poller.read and not rig.poller.write
     assert rig.dev.save_state().mac == MAC
+
+
+def test_rx_rate_limit_leaves_frames_in_the_backend() -> None:
+    from pyrovm.devices.ratelimit import BucketSpec, RateLimitSpec
+
+    class Timers:
+        def __init__(self) -> None:
+            self.armed: list[float] = []
+
+        def call_later(self, delay: float, fn: Callable[[], None]) -> object:
+            self.armed.append(delay)
+            return None
+
+    ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    poller, timers = Poller(), Timers()
+    one_a_minute = RateLimitSpec(ops=BucketSpec(1, 60_000))
+    dev = VirtioNet(
+        PacketBackend(ours.detach()), mac=MAC, poller=poller, rx_rate_limiter=one_a_minute, scheduler=timers
+    )
+    rig = Rig(dev, poller)
+    for _ in range(3):
+        peer.send(bytes(NET_HDR_SIZE) + frame(60))
+    for _ in range(3):
+        rig.rxq.add_chain([], [2048])
+    dev.process(RX)
+    assert len(rig.rxq.take_used()) == 1  # one frame, then the bucket is empty
+    assert not poller.read and len(timers.armed) == 1 and 50 < timers.armed[0] <= 60  # waits, no spinning
+    assert dev.metrics()["rx_throttled"] == 1
+    dev.close()
+    peer.close()

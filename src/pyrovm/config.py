@@ -164,6 +164,8 @@ class NetSpec:
     mac: str | None = None
     mtu: int = 1500
     hostfwd: tuple[PortForward, ...] = ()
+    rx_rate_limiter: RateLimitSpec | None = None  # frames to the guest (Firecracker's token buckets)
+    tx_rate_limiter: RateLimitSpec | None = None  # frames from the guest
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -234,11 +236,15 @@ class NetSpec:
             "mac": self.mac,
             "mtu": self.mtu,
             "hostfwd": [str(f) for f in self.hostfwd],
+            "rx_rate_limiter": None if self.rx_rate_limiter is None else self.rx_rate_limiter.to_json(),
+            "tx_rate_limiter": None if self.tx_rate_limiter is None else self.tx_rate_limiter.to_json(),
         }
 
     @classmethod
     def from_json(cls, data: Any) -> NetSpec:
-        fields = _object(data, "net", {"backend", "tap", "mac", "mtu", "hostfwd"})
+        fields = _object(
+            data, "net", {"backend", "tap", "mac", "mtu", "hostfwd", "rx_rate_limiter", "tx_rate_limiter"}
+        )
         if "backend" not in fields:
             raise ConfigError("net: 'backend' is required")
         return cls(
@@ -249,6 +255,8 @@ class NetSpec:
             tuple(
                 _typed(f, str, "net hostfwd") for f in _typed(fields.get("hostfwd", []), list, "net hostfwd")
             ),
+            RateLimitSpec.from_json(fields.get("rx_rate_limiter"), "net rx_rate_limiter"),
+            RateLimitSpec.from_json(fields.get("tx_rate_limiter"), "net tx_rate_limiter"),
         )
 
 

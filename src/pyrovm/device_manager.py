@@ -184,7 +184,16 @@ class DeviceManager:
             self._stoppers.append(passt.stop)
             backend = passt.backend
         try:
-            dev = VirtioNet(backend, mac=mac, mtu=spec.mtu, poller=self.loop, name=name)
+            dev = VirtioNet(
+                backend,
+                mac=mac,
+                mtu=spec.mtu,
+                poller=self.loop,
+                name=name,
+                rx_rate_limiter=spec.rx_rate_limiter,
+                tx_rate_limiter=spec.tx_rate_limiter,
+                scheduler=self.loop,
+            )
             return self.add_virtio(dev, f"virtio-net:{name}")
         except BaseException:
             backend.close()

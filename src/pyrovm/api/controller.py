@@ -68,6 +68,9 @@ class Controller:
                 return self._dispatch(method, path.split("?", 1)[0], body)
             except ApiError as e:
                 return 400, {"fault_message": e.message}
+            except Exception as e:  # a bug of pyrovm's: the client still gets an answer, the log the trace
+                log.exception("api: %s %s failed", method, path)
+                return 400, {"fault_message": f"Internal error of pyrovm: {type(e).__name__}: {e}"}
 
     # -- routing ---------------------------------------------------------------------------------------
     def _dispatch(self, method: str, path: str, body: Any) -> Reply:
@@ -137,7 +140,7 @@ class Controller:
                 raise ApiError(BEFORE)
             if kind == "drives":
                 return self._patch_drive(dev_id, body)
-            raise ApiError("Changing a network interface after boot is not supported by pyrovm yet.")
+            return self._patch_nic(dev_id, body)
         raise ApiError(f"Invalid request method and/or path: {method} /{kind}/{dev_id}.")
 
     def _patch_drive(self, drive_id: str, body: Any) -> Reply:
@@ -157,6 +160,30 @@ class Controller:
             device = next(s.transport.device for s in self.vm.machine.devices.slots if s.name == name)
             device.throttle.update(limiter)
             drive.limiter = limiter
+        return 204, None
+
+    def _patch_nic(self, iface_id: str, body: Any) -> Reply:
+        """PATCH /network-interfaces/{id} after boot: new rx/tx rate limits."""
+        allowed = {
+            "iface_id": str,
+            "rx_rate_limiter": (dict, type(None)),
+            "tx_rate_limiter": (dict, type(None)),
+        }
+        b = fields(body, allowed, ("iface_id",))
+        check_id(iface_id, b["iface_id"], "network interface")
+        nic = self.resources.nics.get(iface_id)
+        if nic is None:
+            raise ApiError(f"Invalid network interface ID: {iface_id} (no such interface).")
+        name = f"virtio-net:eth{list(self.resources.nics).index(iface_id)}"
+        device = next(s.transport.device for s in self.vm.machine.devices.slots if s.name == name)
+        for key, throttle in (
+            ("rx_rate_limiter", device.rx_throttle),
+            ("tx_rate_limiter", device.tx_throttle),
+        ):
+            if key in b:
+                limiter = rate_limiter(b[key])
+                throttle.update(limiter)
+                nic[key] = limiter
         return 204, None
 
     def _put_metrics(self, body: Any) -> Reply:

@@ -196,12 +196,12 @@ class Resources:
         }
         b = fields(body, allowed, ("iface_id", "host_dev_name"))
         check_id(iface_id, b["iface_id"], "network interface")
-        if b.get("rx_rate_limiter") is not None or b.get("tx_rate_limiter") is not None:
-            raise ApiError("Rate limiters are not supported by pyrovm yet.")
         self.nics[iface_id] = {
             "iface_id": iface_id,
             "host_dev_name": b["host_dev_name"],
             "guest_mac": b.get("guest_mac"),
+            "rx_rate_limiter": rate_limiter(b.get("rx_rate_limiter")),
+            "tx_rate_limiter": rate_limiter(b.get("tx_rate_limiter")),
         }
 
     def put_vsock(self, body: Any) -> None:
@@ -238,7 +238,10 @@ class Resources:
             "boot-source": boot,
             "drives": [d.to_json() for d in self.drives.values()],
             "machine-config": self.machine_config(),
-            "network-interfaces": list(self.nics.values()),
+            "network-interfaces": [
+                {k: (v.to_json() if isinstance(v, RateLimitSpec) else v) for k, v in n.items()}
+                for n in self.nics.values()
+            ],
             "vsock": self.vsock,
             "entropy": {} if self.entropy else None,
             "metrics": None if self.metrics_path is None else {"metrics_path": self.metrics_path},
@@ -258,7 +261,16 @@ class Resources:
         cmdline = DEFAULT_BOOT_ARGS if self.boot_args is None else self.boot_args
         root = [d for d in self.drives.values() if d.is_root_device]
         others = [d for d in self.drives.values() if not d.is_root_device]
-        nets = tuple(NetSpec("tap", n["host_dev_name"], n["guest_mac"]) for n in self.nics.values())
+        nets = tuple(
+            NetSpec(
+                "tap",
+                n["host_dev_name"],
+                n["guest_mac"],
+                rx_rate_limiter=n["rx_rate_limiter"],
+                tx_rate_limiter=n["tx_rate_limiter"],
+            )
+            for n in self.nics.values()
+        )
         return VmConfig(
             kernel=Path(self.kernel),
             memory=self.mem_size_mib << 20,

@@ -172,6 +172,13 @@ class Throttle:
             self.scheduler.call_later(max(wait, 0.001), self._fire)
         return False
 
+    def charge(self, nbytes: int) -> None:
+        """Take *nbytes* more, now, whatever the bucket holds (for sizes known only after the request went,
+        such as a received frame: the debt delays the next one)."""
+        limiter = self.limiter
+        if limiter is not None and limiter.bandwidth is not None:
+            limiter.bandwidth.take(nbytes)
+
     def _fire(self) -> None:
         self._pending = False
         if self.resume is not None:

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
+from pyrovm.devices.ratelimit import RateLimitSpec, Scheduler, Throttle
 from pyrovm.devices.virtio.device import VIRTIO_ID_NET, VirtioDevice, VirtioDeviceState, VirtioMetrics
 from pyrovm.devices.virtio.queue import ChainError, DescriptorChain, SplitQueue, split_views
 from pyrovm.errors import ConfigError, DeviceError, GuestError
@@ -228,6 +229,9 @@ class VirtioNet(VirtioDevice):
         mtu: int = 1500,
         poller: Poller,
         name: str = "virtio-net",
+        rx_rate_limiter: RateLimitSpec | None = None,
+        tx_rate_limiter: RateLimitSpec | None = None,
+        scheduler: Scheduler | None = None,
     ) -> None:
         super().__init__(name, [QUEUE_SIZE, QUEUE_SIZE])
         if len(mac) != 6:
@@ -235,6 +239,9 @@ class VirtioNet(VirtioDevice):
         if not MIN_MTU <= mtu <= MAX_MTU:
             raise ConfigError(f"{name}: MTU {mtu} outside {MIN_MTU}..{MAX_MTU}")
         self.backend = backend
+        #: rate limits of frames to the guest and from it (Firecracker's rx/tx_rate_limiter)
+        self.rx_throttle = Throttle(rx_rate_limiter, scheduler)
+        self.tx_throttle = Throttle(tx_rate_limiter, scheduler)
         self.mac = bytes(mac)
         self.mtu = mtu
         self.poller = poller
@@ -257,11 +264,19 @@ class VirtioNet(VirtioDevice):
         return _CONFIG.pack(self.mac, status, 1, self.mtu)
 
     def metrics(self) -> dict[str, int]:
-        return asdict(self.stats)
+        return {
+            **asdict(self.stats),
+            "rx_throttled": self.rx_throttle.throttled,
+            "tx_throttled": self.tx_throttle.throttled,
+        }
 
     # -- life cycle ------------------------------------------------------------------------------------
     def activate(self, memory: GuestMemory, queues: list[SplitQueue | None]) -> None:
         super().activate(memory, queues)
+        if self._kick is not None:
+            kick = self._kick
+            self.rx_throttle.resume = lambda: kick(RX)
+            self.tx_throttle.resume = lambda: kick(TX)
         self._mrg = self.has_feature(VIRTIO_NET_F_MRG_RXBUF)
         self._tx_blocked = False
         if self.backend.vnet_hdr:
@@ -330,6 +345,7 @@ class VirtioNet(VirtioDevice):
         stats = self.stats
         send = self.backend.send_frame
         add_used = queue.add_used
+        allow = self.tx_throttle.allow
         frames = nbytes = 0
         try:
             for i, chain in enumerate(batch):
@@ -346,6 +362,9 @@ class VirtioNet(VirtioDevice):
                     length = _total(views)
                 if length < NET_HDR_SIZE + ETH_HLEN or length > MAX_PACKET or not self.link_up:
                     self._drop_tx(length)
+                elif not allow(length - NET_HDR_SIZE):  # over the tx rate: this and the rest wait
+                    queue.undo_pop(len(batch) - i)
+                    return False
                 else:
                     sent = self._send(send, views)
                     if sent == _FULL:  # this chain and the rest wait for the backend to drain
@@ -410,6 +429,10 @@ class VirtioNet(VirtioDevice):
                     continue
                 self._watch(read=False, write=self._watch_write)  # frames wait in the backend
                 return
+            if not self.rx_throttle.allow(1):  # over the rx rate: frames wait in the backend for the timer
+                queue.undo_pop()
+                self._watch(read=False, write=self._watch_write)
+                return
             if not self._receive(queue, chain):
                 queue.undo_pop()
                 self._watch(read=self.link_up, write=self._watch_write)
@@ -450,6 +473,7 @@ class VirtioNet(VirtioDevice):
             return True
         self.stats.rx_frames += 1
         self.stats.rx_bytes += n - NET_HDR_SIZE
+        self.rx_throttle.charge(n - NET_HDR_SIZE - 1)
         return True
 
     def _spread(
