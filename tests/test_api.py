@@ -459,3 +459,37 @@ def test_logger_on_a_fifo_without_reader_is_refused_not_hung(tmp_path: Path) -> 
     t0 = time.monotonic()
     message = fault(c.handle("PUT", "/logger", {"log_path": str(fifo), "level": "Info"}))
     assert time.monotonic() - t0 < 2 and message.startswith(f"Cannot open the log file {fifo}")
+
+
+def test_entropy_bandwidth_becomes_the_rng_rate() -> None:
+    c = Controller()
+    c.handle("PUT", "/boot-source", {"kernel_image_path": "/k"})
+    body = {"rate_limiter": {"bandwidth": {"size": 5000, "refill_time": 500}}}
+    assert c.handle("PUT", "/entropy", body) == (204, None)
+    cfg = c.resources.to_config("x")
+    assert cfg.rng and cfg.rng_rate == 10000
+    assert c.handle("GET", "/vm/config", None)[1]["entropy"]["rate_limiter"]["bandwidth"]["size"] == 5000
+    ops = {"rate_limiter": {"ops": {"size": 5, "refill_time": 500}}}
+    assert "ops limit on the entropy device" in fault(c.handle("PUT", "/entropy", ops))
+
+
+@needs_kvm
+def test_metrics_are_also_written_periodically(
+    guest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyrovm.api.controller as controller
+
+    monkeypatch.setattr(controller, "METRICS_PERIOD", 0.2)
+    metrics = tmp_path / "m.json"
+    c = Controller()
+    c.handle("PUT", "/boot-source", {"kernel_image_path": str(guest), "boot_args": "test=spin"})
+    c.handle("PUT", "/metrics", {"metrics_path": str(metrics)})
+    assert c.handle("PUT", "/actions", {"action_type": "InstanceStart"}) == (204, None)
+    try:
+        deadline = time.monotonic() + 10
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert all(json.loads(line)["state"] == "running" for line in metrics.read_text().splitlines())
+    finally:
+        c.close()

@@ -37,6 +37,8 @@ NOT_YET = {
 }
 
 Reply = tuple[int, Any]
+#: Seconds between the metrics lines written without a FlushMetrics (Firecracker's period).
+METRICS_PERIOD = 60.0
 OPENAPI = Path(__file__).with_name("openapi.json")
 
 
@@ -54,6 +56,7 @@ class Controller:
         self.vm: Any = None  # pyrovm.vmm.VM once started
         self._console = console
         self._lock = threading.Lock()
+        self._closing = threading.Event()
         self.on_exit: Callable[[Any], None] | None = None  # called with the VmExit when the guest ends
 
     @property
@@ -252,6 +255,7 @@ class Controller:
             raise ApiError(f"Failed to start microVM: {e}") from None
         self.vm = vm
         vm.start()
+        threading.Thread(target=self._periodic_metrics, name="pyrovm-api-metrics", daemon=True).start()
         if self.on_exit is not None:
             callback = self.on_exit
             threading.Thread(target=lambda: callback(vm.wait()), name="pyrovm-api-wait", daemon=True).start()
@@ -267,6 +271,16 @@ class Controller:
                 f.write(json.dumps(self.vm.metrics()) + "\n")
         except OSError as e:
             raise ApiError(f"Cannot write metrics to {path}: {e.strerror}") from None
+
+    def _periodic_metrics(self) -> None:
+        """A metrics line every :data:`METRICS_PERIOD` seconds while the VM lives (when a path is set)."""
+        while not self._closing.wait(METRICS_PERIOD):
+            with self._lock:
+                if self.resources.metrics_path is not None and self.vm is not None:
+                    try:
+                        self._flush_metrics()
+                    except ApiError as e:
+                        log.warning("api: %s", e.message)
 
     def _patch_vm(self, body: Any) -> Reply:
         b = fields(body, {"state": str}, ("state",))
@@ -284,6 +298,7 @@ class Controller:
         return 204, None
 
     def close(self) -> None:
+        self._closing.set()
         with self._lock:
             if self.vm is not None:
                 self.vm.close()

@@ -118,6 +118,8 @@ class Resources:
     nics: dict[str, dict[str, Any]] = field(default_factory=dict)
     vsock: dict[str, Any] | None = None
     entropy: bool = False
+    entropy_limiter: RateLimitSpec | None = None
+    entropy_rate: int | None = None
     metrics_path: str | None = None
 
     # -- bodies ----------------------------------------------------------------------------------------
@@ -214,9 +216,19 @@ class Resources:
 
     def put_entropy(self, body: Any) -> None:
         b = fields(body, {"rate_limiter": _RATE_LIMITER})
-        if b.get("rate_limiter") is not None:
-            raise ApiError("Rate limiters are not supported by pyrovm yet.")
+        limiter = rate_limiter(b.get("rate_limiter"))
+        rate = None
+        if limiter is not None:
+            if limiter.ops is not None:
+                raise ApiError(
+                    "An ops limit on the entropy device is not supported by pyrovm yet (bandwidth is)."
+                )
+            bw = limiter.bandwidth
+            if bw is not None and bw.size and bw.refill_time:
+                rate = max(1, bw.size * 1000 // bw.refill_time)  # virtio-rng's limit: bytes a second
         self.entropy = True
+        self.entropy_limiter = limiter
+        self.entropy_rate = rate
 
     # -- views -----------------------------------------------------------------------------------------
     def machine_config(self) -> dict[str, Any]:
@@ -243,7 +255,9 @@ class Resources:
                 for n in self.nics.values()
             ],
             "vsock": self.vsock,
-            "entropy": {} if self.entropy else None,
+            "entropy": None
+            if not self.entropy
+            else {"rate_limiter": None if self.entropy_limiter is None else self.entropy_limiter.to_json()},
             "metrics": None if self.metrics_path is None else {"metrics_path": self.metrics_path},
         }
 
@@ -280,6 +294,7 @@ class Resources:
             rootfs=root[0].disk_spec() if root else None,
             disks=tuple(d.disk_spec() for d in others),
             rng=self.entropy,
+            rng_rate=self.entropy_rate,
             net=nets,
             vsock=None
             if self.vsock is None
