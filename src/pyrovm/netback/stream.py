@@ -2,19 +2,20 @@
 its Unix socket (QEMU's ``-netdev stream``).  Frames carry no virtio-net header on the wire.
 
 Receiving reads as much as the socket holds into one 256 KiB buffer (one system call for many small
-frames) and copies each frame once into the guest's buffers; sending is one ``sendmsg`` per frame from
-the guest's buffers, with the length in front.  A frame the socket took only in part is kept (one frame
-at most) and finished when the socket is writable again.
+frames) and copies each frame once into the guest's buffers; sending copies each frame, after its
+length, into a queue that goes out in one system call per batch of the device (at most 256 KiB held:
+past that a frame waits in the guest's ring until the socket drains).
 """
 
 from __future__ import annotations
 
-import errno
 import socket
 
 from pyrovm.devices.virtio.net import MAX_FRAME, NET_HDR_SIZE, BackendClosedError, scatter, split_views
 
 RECV_BUFFER = 256 * 1024
+#: Bytes of queued frames after which a send waits for the socket (bounds what the backend holds).
+SEND_BATCH = 256 * 1024
 _ZERO_HDR = bytes(NET_HDR_SIZE)
 
 
@@ -34,7 +35,7 @@ class StreamBackend:
         self._buf = bytearray(RECV_BUFFER)
         self._mv = memoryview(self._buf)
         self._start = self._end = 0
-        self._pending: memoryview | None = None
+        self._out = bytearray()  # frames queued for the socket, each after its length
         self._eof = False
 
     def fileno(self) -> int:
@@ -88,38 +89,39 @@ class StreamBackend:
 
     # -- send -----------------------------------------------------------------------------------------
     def send_frame(self, bufs: list[memoryview]) -> bool:
-        if self._pending is not None and not self.flush():
-            return False
+        """Queue one frame (length + frame, copied: the guest may reuse its buffers at once); the queue
+        goes out in one system call at :meth:`end_batch`, or earlier once it holds :data:`SEND_BATCH`."""
+        out = self._out
+        if len(out) >= SEND_BATCH and not self.flush():
+            return False  # the socket is full: the frame stays in the guest's ring
         frame = split_views(bufs, NET_HDR_SIZE)[1]
-        length = sum(v.nbytes for v in frame)
-        parts: list[bytes | memoryview] = [length.to_bytes(4, "big"), *frame]
-        try:
-            sent = self.sock.sendmsg(parts)
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError as e:
-            raise BackendClosedError(f"{self.name}: {e.strerror}") from e
-        if sent < 4 + length:  # keep the rest (a copy: the guest may reuse its buffers at once)
-            self._pending = memoryview(b"".join(parts))[sent:]
+        length = 0
+        for v in frame:
+            length += v.nbytes
+        out += length.to_bytes(4, "big")
+        for v in frame:
+            out += v
         return True
+
+    def end_batch(self) -> None:
+        """The device's batch is done: send what is queued (what the socket does not take stays queued)."""
+        if self._out:
+            self.flush()
 
     @property
     def wants_write(self) -> bool:
-        return self._pending is not None
+        return bool(self._out)
 
     def flush(self) -> bool:
-        pending = self._pending
-        while pending is not None:
+        out = self._out
+        while out:
             try:
-                sent = self.sock.send(pending)
+                sent = self.sock.send(out)
             except (BlockingIOError, InterruptedError):
                 return False
             except OSError as e:
-                if e.errno == errno.EAGAIN:
-                    return False
                 raise BackendClosedError(f"{self.name}: {e.strerror}") from e
-            pending = pending[sent:] if sent < pending.nbytes else None
-            self._pending = pending
+            del out[:sent]
         return True
 
     def set_offload(self, guest_features: int) -> None:

@@ -114,6 +114,9 @@ class TapBackend:
     def flush(self) -> bool:
         return True
 
+    def end_batch(self) -> None:
+        """Nothing queued: every frame was written at once."""
+
     def set_offload(self, guest_features: int) -> None:
         flags = offload_flags(guest_features)
         fcntl.ioctl(self.fd, TUNSETOFFLOAD, flags)

@@ -135,6 +135,10 @@ class FrameBackend(Protocol):
         """Try to send held output; True when none is left."""
         ...
 
+    def end_batch(self) -> None:
+        """The device sent a batch of frames (a backend that queues them sends them now)."""
+        ...
+
     def set_offload(self, guest_features: int) -> None:
         """The guest negotiated *guest_features* (virtio-net feature bits): enable matching offloads."""
         ...
@@ -378,6 +382,10 @@ class VirtioNet(VirtioDevice):
                 add_used(chain.head, 0)
             return True
         finally:
+            self.backend.end_batch()
+            if self.backend.wants_write and not self._watch_write:  # the rest when the socket drains
+                self._tx_blocked = True
+                self._watch(read=self._watch_read, write=True)
             stats.requests += frames
             stats.tx_frames += frames
             stats.tx_bytes += nbytes - frames * NET_HDR_SIZE
