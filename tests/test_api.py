@@ -493,3 +493,24 @@ def test_metrics_are_also_written_periodically(
         assert all(json.loads(line)["state"] == "running" for line in metrics.read_text().splitlines())
     finally:
         c.close()
+
+
+@needs_kvm
+def test_patch_drive_swaps_the_backing_file(guest: Path, tmp_path: Path) -> None:
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    a.write_bytes(bytes(1 << 20))
+    b.write_bytes(bytes(2 << 20))
+    c = Controller()
+    c.handle("PUT", "/boot-source", {"kernel_image_path": str(guest), "boot_args": "test=spin"})
+    c.handle("PUT", "/drives/d", {"drive_id": "d", "path_on_host": str(a), "is_root_device": False})
+    assert c.handle("PUT", "/actions", {"action_type": "InstanceStart"}) == (204, None)
+    try:
+        missing = {"drive_id": "d", "path_on_host": str(tmp_path / "missing.img")}
+        assert "Unable to patch the block device" in fault(c.handle("PATCH", "/drives/d", missing))
+        assert c.handle("PATCH", "/drives/d", {"drive_id": "d", "path_on_host": str(b)}) == (204, None)
+        assert c.handle("GET", "/vm/config", None)[1]["drives"][0]["path_on_host"] == str(b)
+        [slot] = [s for s in c.vm.machine.devices.slots if s.name == "virtio-blk:vda"]
+        assert slot.transport.state.config_generation == 1  # the guest is told its disk changed
+        assert slot.transport.device.capacity == 4096
+    finally:
+        c.close()

@@ -346,3 +346,25 @@ def test_many_requests_batch(rig: Rig, image: Path) -> None:
     assert [h for h, _ in used] == [p.head for p in placed]
     for i, p in enumerate(placed):
         assert rig.mem.read(p.writable[0][0], 512) == file_bytes(image, i * 512, 512)
+
+
+def test_swap_to_another_image(image: Path, tmp_path: Path) -> None:
+    import fcntl
+
+    other = tmp_path / "other.img"
+    other.write_bytes(b"\xbb" * (2 * DISK_SIZE))
+    dev = VirtioBlock(image)
+    rig = Rig(dev)
+    placed, _, st = rig.submit(VIRTIO_BLK_T_IN, 0, in_lens=[512])
+    assert st == 0 and rig.mem.read(placed.writable[0][0], 4) == bytes(range(4))
+    dev.swap(other)
+    assert struct.unpack_from("<Q", dev.config_bytes())[0] == 2 * DISK_SIZE // 512  # the new capacity
+    placed, _, st = rig.submit(VIRTIO_BLK_T_IN, 2047, in_lens=[512])  # past the old end
+    assert st == 0 and rig.mem.read(placed.writable[0][0], 4) == b"\xbb" * 4
+    with open(image, "rb+") as f:  # the old image is let go (its lock too)
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with pytest.raises(BlockError, match="cannot open"):
+        dev.swap(tmp_path / "missing.img")
+    placed, _, st = rig.submit(VIRTIO_BLK_T_IN, 0, in_lens=[512])  # still on the other image
+    assert st == 0 and rig.mem.read(placed.writable[0][0], 1) == b"\xbb"
+    dev.close()

@@ -147,7 +147,8 @@ class Controller:
         raise ApiError(f"Invalid request method and/or path: {method} /{kind}/{dev_id}.")
 
     def _patch_drive(self, drive_id: str, body: Any) -> Reply:
-        """PATCH /drives/{id} after boot: new rate limits (a new backing file is not supported yet)."""
+        """PATCH /drives/{id} after boot: another backing file (its capacity announced to the guest) and/or
+        new rate limits."""
         b = fields(
             body, {"drive_id": str, "path_on_host": str, "rate_limiter": (dict, type(None))}, ("drive_id",)
         )
@@ -155,13 +156,18 @@ class Controller:
         drive = self.resources.drives.get(drive_id)
         if drive is None:
             raise ApiError(f"Invalid block device ID: {drive_id} (no such drive).")
+        name = f"virtio-blk:vd{chr(ord('a') + self.resources.drive_order().index(drive_id))}"
+        slot = next(s for s in self.vm.machine.devices.slots if s.name == name)
         if "path_on_host" in b and b["path_on_host"] != drive.path_on_host:
-            raise ApiError("Swapping a drive's backing file after boot is not supported by pyrovm yet.")
+            try:  # the new image is opened and locked before the old one is let go
+                slot.transport.device.locked(lambda: slot.transport.device.swap(b["path_on_host"]))
+            except PyrovmError as e:
+                raise ApiError(f"Unable to patch the block device: {e}") from None
+            slot.transport.config_changed()  # the guest rereads the capacity
+            drive.path_on_host = b["path_on_host"]
         if "rate_limiter" in b:
             limiter = rate_limiter(b["rate_limiter"])
-            name = f"virtio-blk:vd{chr(ord('a') + self.resources.drive_order().index(drive_id))}"
-            device = next(s.transport.device for s in self.vm.machine.devices.slots if s.name == name)
-            device.throttle.update(limiter)
+            slot.transport.device.throttle.update(limiter)
             drive.limiter = limiter
         return 204, None
 

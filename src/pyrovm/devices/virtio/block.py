@@ -375,6 +375,28 @@ def parse_segments(chain: DescriptorChain, zeroes: bool) -> list[tuple[int, int,
     return segments
 
 
+def open_image(path: Path, read_only: bool) -> tuple[int, int]:
+    """Open and lock a raw image: ``(fd, size)``; BlockError / DiskLockedError naming the file."""
+    try:
+        fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+    except OSError as e:
+        raise BlockError(f"{path}: cannot open disk image: {e.strerror}") from e
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise DiskLockedError(
+                f"{path}: disk image is locked by another process (already in use by another VM?)"
+            ) from e
+        size = os.lseek(fd, 0, os.SEEK_END)
+        if size == 0 or size % SECTOR_SIZE:
+            raise BlockError(f"{path}: disk image size {size} is not a positive multiple of 512 bytes")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, size
+
+
 def _config_space(capacity: int, queue_size: int) -> bytes:
     """The virtio-blk configuration space of a disk of *capacity* sectors."""
     return CONFIG.pack(
@@ -432,28 +454,8 @@ class VirtioBlock(VirtioDevice):
             raise BlockError(f"{self.path}: serial {serial!r} is longer than {VIRTIO_BLK_ID_BYTES} bytes")
         self.serial = serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
         self.read_only = read_only
-        try:
-            fd = os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
-        except OSError as e:
-            raise BlockError(f"{self.path}: cannot open disk image: {e.strerror}") from e
-        try:
-            try:
-                fcntl.flock(fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-            except BlockingIOError as e:
-                raise DiskLockedError(
-                    f"{self.path}: disk image is locked by another process (already in use by another VM?)"
-                ) from e
-            size = os.lseek(fd, 0, os.SEEK_END)
-            if size == 0 or size % SECTOR_SIZE:
-                raise BlockError(
-                    f"{self.path}: disk image size {size} is not a positive multiple of 512 bytes"
-                )
-        except BaseException:
-            os.close(fd)
-            raise
-        self.fd = fd
-        self.size = size
-        self.capacity = size >> SECTOR_SHIFT
+        self.fd, self.size = open_image(self.path, read_only)
+        self.capacity = self.size >> SECTOR_SHIFT
         self._config = _config_space(self.capacity, queue_size)
 
     # -- description -----------------------------------------------------------------------------------
@@ -467,6 +469,17 @@ class VirtioBlock(VirtioDevice):
 
     def config_bytes(self) -> bytes:
         return self._config
+
+    def swap(self, path: str | os.PathLike[str]) -> None:
+        """Serve another image from now on (Firecracker's PATCH of ``path_on_host``): the new one is opened
+        and locked first (BlockError, with the old one kept, when it cannot be); then the capacity in the
+        config space follows it.  Call under the transport's lock, then ``config_changed()`` on it."""
+        fd, size = open_image(Path(path), self.read_only)
+        old, self.fd = self.fd, fd
+        self.path, self.size, self.capacity = Path(path), size, size >> SECTOR_SHIFT
+        self._config = _config_space(self.capacity, self.queue_max_sizes[0])
+        if old >= 0:
+            os.close(old)
 
     def close(self) -> None:
         """Unlock and close the image."""
