@@ -156,8 +156,7 @@ class Controller:
         drive = self.resources.drives.get(drive_id)
         if drive is None:
             raise ApiError(f"Invalid block device ID: {drive_id} (no such drive).")
-        name = f"virtio-blk:vd{chr(ord('a') + self.resources.drive_order().index(drive_id))}"
-        slot = next(s for s in self.vm.machine.devices.slots if s.name == name)
+        slot = self._slot(f"virtio-blk:vd{chr(ord('a') + self.resources.drive_order().index(drive_id))}")
         if "path_on_host" in b and b["path_on_host"] != drive.path_on_host:
             try:  # the new image is opened and locked before the old one is let go
                 slot.transport.device.locked(lambda: slot.transport.device.swap(b["path_on_host"]))
@@ -171,6 +170,10 @@ class Controller:
             drive.limiter = limiter
         return 204, None
 
+    def _slot(self, name: str) -> Any:
+        """The running VM's virtio slot called *name* (the device manager names them as the guest sees)."""
+        return next(s for s in self.vm.machine.devices.slots if s.name == name)
+
     def _patch_nic(self, iface_id: str, body: Any) -> Reply:
         """PATCH /network-interfaces/{id} after boot: new rx/tx rate limits."""
         allowed = {
@@ -183,8 +186,7 @@ class Controller:
         nic = self.resources.nics.get(iface_id)
         if nic is None:
             raise ApiError(f"Invalid network interface ID: {iface_id} (no such interface).")
-        name = f"virtio-net:eth{list(self.resources.nics).index(iface_id)}"
-        device = next(s.transport.device for s in self.vm.machine.devices.slots if s.name == name)
+        device = self._slot(f"virtio-net:eth{list(self.resources.nics).index(iface_id)}").transport.device
         for key, throttle in (
             ("rx_rate_limiter", device.rx_throttle),
             ("tx_rate_limiter", device.tx_throttle),

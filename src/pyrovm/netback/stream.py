@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import socket
 
-from pyrovm.devices.virtio.net import MAX_FRAME, NET_HDR_SIZE, BackendClosedError, scatter, split_views
+from pyrovm.devices.virtio.net import MAX_FRAME, NET_HDR_SIZE, BackendClosedError
+from pyrovm.devices.virtio.queue import scatter, split_views
 
 RECV_BUFFER = 256 * 1024
 #: Bytes of queued frames after which a send waits for the socket (bounds what the backend holds).

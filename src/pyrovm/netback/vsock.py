@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from pyrovm.devices.virtio.queue import split_views
+from pyrovm.devices.virtio.queue import scatter, split_views
 from pyrovm.devices.virtio.vsock import (
     HDR_SIZE,
     HEADER,
@@ -623,28 +623,16 @@ def _connect_port(line: bytes) -> int | None:
 
 
 def _write_header(bufs: list[memoryview], pkt: Packet) -> int:
-    first = bufs[0]
-    if first.nbytes >= HDR_SIZE:
-        HEADER.pack_into(first, 0, *pkt)
+    if bufs[0].nbytes >= HDR_SIZE:
+        HEADER.pack_into(bufs[0], 0, *pkt)
     else:
-        raw = HEADER.pack(*pkt)
-        done = 0
-        for v in bufs:
-            take = min(v.nbytes, HDR_SIZE - done)
-            v[:take] = raw[done : done + take]
-            done += take
-            if done == HDR_SIZE:
-                break
+        scatter(bufs, HEADER.pack(*pkt))
     return HDR_SIZE
 
 
 def _write_packet(bufs: list[memoryview], pkt: Packet, data: bytes) -> int:
     """A whole packet into *bufs*; the payload is cut to the room there is (callers keep it small)."""
-    room = split_views(split_views(bufs, HDR_SIZE)[1], len(data))[0]
-    done = 0
-    for v in room:
-        v[:] = data[done : done + v.nbytes]
-        done += v.nbytes
+    done = scatter(bufs, data, HDR_SIZE)
     return _write_header(bufs, pkt._replace(len=done)) + done
 
 
@@ -688,7 +676,7 @@ class VsockHost:
 
     def listen(self, port: int, backlog: int = 16) -> socket.socket:
         """A listening Unix socket at ``PATH_port``: the guest's connections to host port *port* arrive
-        there (the caller closes it; the socket file is removed then by :func:`close_listener`)."""
+        there (the caller closes it; a socket file left behind is taken as stale by the next listen)."""
         path = f"{self.path}_{port}"
         if os.path.lexists(path):
             remove_stale_socket(Path(path))

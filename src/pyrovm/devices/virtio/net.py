@@ -34,7 +34,7 @@ from typing import Protocol
 
 from pyrovm.devices.ratelimit import RateLimitSpec, Scheduler, Throttle
 from pyrovm.devices.virtio.device import VIRTIO_ID_NET, VirtioDevice, VirtioDeviceState, VirtioMetrics
-from pyrovm.devices.virtio.queue import ChainError, DescriptorChain, SplitQueue, split_views
+from pyrovm.devices.virtio.queue import ChainError, DescriptorChain, SplitQueue, scatter
 from pyrovm.errors import ConfigError, DeviceError, GuestError
 from pyrovm.memory import GuestMemory
 
@@ -198,26 +198,6 @@ def _total(views: list[memoryview]) -> int:
     for v in views:
         n += v.nbytes
     return n
-
-
-def scatter(views: list[memoryview], data: memoryview | bytes, offset: int = 0) -> int:
-    """Copy *data* into *views* starting *offset* bytes in; the bytes copied (fewer if they are full)."""
-    src = memoryview(data)
-    done = 0
-    left = len(src)
-    for v in views:
-        n = v.nbytes
-        if offset >= n:
-            offset -= n
-            continue
-        take = min(n - offset, left)
-        v[offset : offset + take] = src[done : done + take]
-        done += take
-        left -= take
-        offset = 0
-        if not left:
-            break
-    return done
 
 
 class VirtioNet(VirtioDevice):
@@ -532,5 +512,4 @@ __all__ = [
     "VirtioNetState",
     "format_mac",
     "parse_mac",
-    "split_views",
 ]

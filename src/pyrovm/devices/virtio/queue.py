@@ -259,6 +259,26 @@ def split_views(views: list[memoryview], length: int) -> tuple[list[memoryview],
     return first, []
 
 
+def scatter(views: list[memoryview], data: memoryview | bytes, offset: int = 0) -> int:
+    """Copy *data* into *views* starting *offset* bytes in; the bytes copied (fewer if they are full)."""
+    src = memoryview(data)
+    done = 0
+    left = len(src)
+    for v in views:
+        n = v.nbytes
+        if offset >= n:
+            offset -= n
+            continue
+        take = min(n - offset, left)
+        v[offset : offset + take] = src[done : done + take]
+        done += take
+        left -= take
+        offset = 0
+        if not left:
+            break
+    return done
+
+
 def trim_views(views: list[memoryview], length: int) -> tuple[list[memoryview], list[memoryview]]:
     """Cut a scatter list *length* bytes before its end: ``(head, last_bytes)``."""
     total = sum(v.nbytes for v in views)
