@@ -96,6 +96,16 @@ class TokenBucket:
         need = min(n - self.burst, self.size)  # a request larger than the bucket waits for a full one
         return 0.0 if self.tokens >= need else (need - self.tokens) / self.rate
 
+    def level(self) -> float:
+        """The tokens in the bucket now (below 0 while in debt)."""
+        self._refill()
+        return self.tokens
+
+    def set_level(self, tokens: float) -> None:
+        """Put *tokens* in the bucket (at most its size), refilling from now on (a restored device)."""
+        self.tokens = min(float(self.size), tokens)
+        self._last = self._clock()
+
     def take(self, n: int) -> None:
         if self.unlimited:
             return
@@ -143,10 +153,16 @@ class Throttle:
     queue) when the request could go.  :meth:`update` swaps the limits while the VM runs.
     """
 
-    def __init__(self, spec: RateLimitSpec | None, scheduler: Scheduler | None) -> None:
+    def __init__(
+        self,
+        spec: RateLimitSpec | None,
+        scheduler: Scheduler | None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if spec is not None and scheduler is None:
             raise ConfigError("a rate-limited device needs a scheduler (the event loop) for its timers")
-        self.limiter = None if spec is None else RateLimiter(spec)
+        self._clock = clock
+        self.limiter = None if spec is None else RateLimiter(spec, clock)
         self.scheduler = scheduler
         self.resume: Callable[[], None] | None = None
         self._pending = False
@@ -155,7 +171,7 @@ class Throttle:
     def update(self, spec: RateLimitSpec | None) -> None:
         if spec is not None and self.scheduler is None:
             raise ConfigError("a rate-limited device needs a scheduler (the event loop) for its timers")
-        self.limiter = None if spec is None else RateLimiter(spec)
+        self.limiter = None if spec is None else RateLimiter(spec, self._clock)
         if self.resume is not None and self.scheduler is not None:  # requests waiting go by the new limits
             self.scheduler.call_later(0, self.resume)
 

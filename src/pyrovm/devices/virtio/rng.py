@@ -2,7 +2,8 @@
 
 An optional byte-rate limit (token bucket of ``rate_bytes_per_s`` bytes per second, bursts of up to one
 second's worth) defers requests when the bucket is empty: the chain is put back on the queue and a timer
-of the event loop processes the queue again once enough tokens have accumulated.  Its state
+of the event loop processes the queue again once enough tokens have accumulated (the devices' common
+:class:`~pyrovm.devices.ratelimit.Throttle`).  Its state
 (:class:`VirtioRngState`) adds the tokens in the bucket to the negotiated features.
 """
 
@@ -12,20 +13,14 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
+from pyrovm.devices.ratelimit import BucketSpec, RateLimitSpec, Scheduler, Throttle, TokenBucket
 from pyrovm.devices.virtio.device import VIRTIO_ID_RNG, VirtioDevice, VirtioDeviceState
 from pyrovm.devices.virtio.queue import DescriptorChain, SplitQueue
 from pyrovm.errors import ConfigError
 
 #: The most bytes one request gets (the device may fill less than the driver offers).
 MAX_REQUEST_BYTES = 64 * 1024
-
-
-class Scheduler(Protocol):
-    """What the device needs of the event loop: a one-shot timer."""
-
-    def call_later(self, delay: float, fn: Callable[[], None]) -> object: ...
 
 
 @dataclass
@@ -50,46 +45,39 @@ class VirtioRng(VirtioDevice):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(name, [queue_size])
-        if rate_bytes_per_s is not None:
-            if rate_bytes_per_s <= 0:
-                raise ConfigError(
-                    f"virtio-rng rate {rate_bytes_per_s}: must be a positive number of bytes a second"
-                )
-            if scheduler is None:
-                raise ConfigError(
-                    "a rate-limited virtio-rng needs a scheduler (the event loop) for its timers"
-                )
+        if rate_bytes_per_s is not None and rate_bytes_per_s <= 0:
+            raise ConfigError(
+                f"virtio-rng rate {rate_bytes_per_s}: must be a positive number of bytes a second"
+            )
         self.rate = rate_bytes_per_s
-        self.scheduler = scheduler
-        self._clock = clock
-        self._tokens = float(rate_bytes_per_s or 0)
-        self._last = clock()
-        self._timer_pending = False
-        self._generation = 0
-        self.deferred = 0  # how many times a request waited for tokens
+        #: a bucket of one second's worth (``rate_bytes_per_s`` bytes, refilled in 1000 ms)
+        spec = None if rate_bytes_per_s is None else RateLimitSpec(BucketSpec(rate_bytes_per_s, 1000))
+        self.throttle = Throttle(spec, scheduler, clock)
+        self.throttle.resume = self._resume
 
-    def reset(self) -> None:
-        self._generation += 1  # a timer armed before the reset does nothing
-        self._timer_pending = False
-        super().reset()
+    @property
+    def deferred(self) -> int:
+        """How many times a request waited for tokens."""
+        return self.throttle.throttled
+
+    def _resume(self) -> None:
+        if self._kick is not None:
+            self._kick(0)
+
+    def _bucket(self) -> TokenBucket | None:
+        limiter = self.throttle.limiter
+        return None if limiter is None else limiter.bandwidth
 
     def save_state(self) -> VirtioRngState:
-        if self.rate is not None:
-            self._refill()
-        return VirtioRngState(self.acked_features, self._tokens)
+        bucket = self._bucket()
+        return VirtioRngState(self.acked_features, 0.0 if bucket is None else bucket.level())
 
     def restore_state(self, state: VirtioDeviceState) -> None:
         """Load *state*; the bucket refills from the saved level from now on (capped at this rate)."""
         super().restore_state(state)
-        if isinstance(state, VirtioRngState) and self.rate is not None:
-            self._tokens = min(float(self.rate), state.tokens)
-            self._last = self._clock()
-
-    def _refill(self) -> None:
-        assert self.rate is not None
-        now = self._clock()
-        self._tokens = min(float(self.rate), self._tokens + (now - self._last) * self.rate)
-        self._last = now
+        bucket = self._bucket()
+        if isinstance(state, VirtioRngState) and bucket is not None:
+            bucket.set_level(state.tokens)
 
     def handle_chain(self, queue_index: int, queue: SplitQueue, chain: DescriptorChain) -> int | None:
         want = min(chain.writable_len, MAX_REQUEST_BYTES)
@@ -99,13 +87,10 @@ class VirtioRng(VirtioDevice):
             self.log_once("no-writable", "%s: request without device-writable buffers", self.name)
             return 0
         if self.rate is not None:
-            want = min(want, self.rate)
-            self._refill()
-            if self._tokens < want:
+            want = min(want, self.rate)  # a request gets at most a second's worth
+            if not self.throttle.allow(want, 0):
                 queue.undo_pop()
-                self._arm_timer((want - self._tokens) / self.rate)
                 return None
-            self._tokens -= want
         self.stats.requests += 1
         left = want
         for view in chain.writable_views():
@@ -116,19 +101,3 @@ class VirtioRng(VirtioDevice):
             left -= n
         self.stats.bytes_read += want
         return want
-
-    def _arm_timer(self, delay: float) -> None:
-        self.deferred += 1
-        if self._timer_pending or self.scheduler is None:
-            return
-        self._timer_pending = True
-        generation = self._generation
-
-        def fire() -> None:
-            if generation != self._generation:
-                return
-            self._timer_pending = False
-            if self._kick is not None:
-                self._kick(0)
-
-        self.scheduler.call_later(max(delay, 0.001), fire)
