@@ -206,7 +206,6 @@ class DeviceManager:
             remove_stale_socket(path)
         muxer = VsockMuxer(path, self.loop)
         try:
-            self.vsock_path = path
             return self.add_virtio(VirtioVsock(spec.cid, muxer), "virtio-vsock")
         except BaseException:
             muxer.close()
