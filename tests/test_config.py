@@ -118,6 +118,7 @@ def _full(tmp_path: Path) -> VmConfig:
         ),
         name="vm-7",
         vsock=VsockSpec(9, tmp_path / "v.sock"),
+        track_dirty_pages=True,
     )
 
 

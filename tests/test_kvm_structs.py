@@ -39,6 +39,15 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "kvm_translation": s.kvm_translation,
     "kvm_clock_data": s.kvm_clock_data,
     "kvm_run": s.kvm_run,
+    "kvm_xsave": s.kvm_xsave,
+    "kvm_xcr": s.kvm_xcr,
+    "kvm_xcrs": s.kvm_xcrs,
+    "kvm_debugregs": s.kvm_debugregs,
+    "kvm_vcpu_events": s.kvm_vcpu_events,
+    "kvm_pit_channel_state": s.kvm_pit_channel_state,
+    "kvm_pit_state2": s.kvm_pit_state2,
+    "kvm_irqchip": s.kvm_irqchip,
+    "kvm_dirty_log": s.kvm_dirty_log,
 }
 
 # fields of kvm_run's exit union: (C path, ctypes offset)
@@ -85,6 +94,15 @@ KNOWN_SIZES = {
     "kvm_translation": 24,
     "kvm_clock_data": 48,
     "kvm_run": 2352,
+    "kvm_xsave": 4096,
+    "kvm_xcr": 16,
+    "kvm_xcrs": 392,
+    "kvm_debugregs": 128,
+    "kvm_vcpu_events": 64,
+    "kvm_pit_channel_state": 24,
+    "kvm_pit_state2": 112,
+    "kvm_irqchip": 520,
+    "kvm_dirty_log": 16,
 }
 
 IOCTLS = {
@@ -121,6 +139,22 @@ IOCTLS = {
     "KVM_GET_CPUID2": c.KVM_GET_CPUID2,
     "KVM_GET_MP_STATE": c.KVM_GET_MP_STATE,
     "KVM_SET_MP_STATE": c.KVM_SET_MP_STATE,
+    "KVM_GET_DIRTY_LOG": c.KVM_GET_DIRTY_LOG,
+    "KVM_GET_IRQCHIP": c.KVM_GET_IRQCHIP,
+    "KVM_SET_IRQCHIP": c.KVM_SET_IRQCHIP,
+    "KVM_GET_PIT2": c.KVM_GET_PIT2,
+    "KVM_SET_PIT2": c.KVM_SET_PIT2,
+    "KVM_GET_VCPU_EVENTS": c.KVM_GET_VCPU_EVENTS,
+    "KVM_SET_VCPU_EVENTS": c.KVM_SET_VCPU_EVENTS,
+    "KVM_GET_DEBUGREGS": c.KVM_GET_DEBUGREGS,
+    "KVM_SET_DEBUGREGS": c.KVM_SET_DEBUGREGS,
+    "KVM_SET_TSC_KHZ": c.KVM_SET_TSC_KHZ,
+    "KVM_GET_TSC_KHZ": c.KVM_GET_TSC_KHZ,
+    "KVM_GET_XSAVE": c.KVM_GET_XSAVE,
+    "KVM_SET_XSAVE": c.KVM_SET_XSAVE,
+    "KVM_GET_XCRS": c.KVM_GET_XCRS,
+    "KVM_SET_XCRS": c.KVM_SET_XCRS,
+    "KVM_KVMCLOCK_CTRL": c.KVM_KVMCLOCK_CTRL,
 }
 
 

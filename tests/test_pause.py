@@ -126,4 +126,5 @@ def test_device_states_of_a_paused_vm(guest: Path) -> None:
         vm.resume()
     assert set(states) == {"serial", "i8042", "debug_exit", "rtc", "boot_timer", "virtio-rng"}
     assert type(states["serial"]).__name__ == "SerialState"
-    assert type(states["virtio-rng"]).__name__ == "MmioTransportState"
+    assert type(states["virtio-rng"].transport).__name__ == "MmioTransportState"
+    assert type(states["virtio-rng"].device).__name__ == "VirtioRngState"

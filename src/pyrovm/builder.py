@@ -12,24 +12,28 @@ stack and releases it on :meth:`~pyrovm.machine.Machine.close`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import mmap
 import os
 import sys
+from pathlib import Path
 from typing import BinaryIO
 
 from . import host
 from . import kvm as k
 from .arch.x86 import boot as x86boot
 from .arch.x86 import layout
+from .arch.x86 import state as vstate
 from .config import VmConfig
 from .console import ConsoleLog
 from .device_manager import DeviceManager
-from .errors import ConfigError
+from .errors import ConfigError, SnapshotError
 from .loader import check_cmdline, load_kernel
 from .loader.cmdline import Cmdline
 from .machine import Machine, MachineEvents, MachineParts
 from .memory import GuestMemory
+from .snapshot import SnapshotState, decode_devices
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,8 @@ def build(config: VmConfig, *, console: BinaryIO | None = None) -> Machine:
             vendor = vendor or host.PVM_CPU_VENDOR
         events = MachineEvents(_open_console(config, console, stack), config.boot_marker)
         memory = _map_memory(config.memory, stack)
+        if config.track_dirty_pages:
+            memory.track_vmm_writes()
         kvm, kvm_vm = _create_vm(config, memory, stack)
         devices = _create_devices(config, kvm_vm, memory, events, stack)
         vcpus = _create_vcpus(kvm, kvm_vm, config.cpus, vendor)
@@ -77,6 +83,150 @@ def build(config: VmConfig, *, console: BinaryIO | None = None) -> Machine:
         raise
     finally:
         kernel_file.close()
+
+
+@dataclasses.dataclass
+class RestoreOptions:
+    """What a restore changes in the saved VM: where its console goes, its NICs' taps (by name, ``eth0``
+    ...), its vsock socket, its disk images (by name, ``vda`` ...: each clone needs its own), dirty-page
+    tracking (for diff snapshots of the restored VM), and whether the guest's kvmclock catches up with the
+    host's wall clock (``clock_realtime``; otherwise the guest sees no time pass)."""
+
+    console: str = "none"
+    metrics_path: Path | None = None
+    timeout: float | None = None
+    taps: dict[str, str] = dataclasses.field(default_factory=dict)
+    vsock_uds: Path | None = None
+    disks: dict[str, Path] = dataclasses.field(default_factory=dict)
+    name: str | None = None
+    track_dirty_pages: bool = False
+    clock_realtime: bool = False
+
+    def apply(self, config: VmConfig) -> VmConfig:
+        """*config* (the snapshot's) with these changes; ConfigError for an override that names nothing."""
+        nets = list(config.net)
+        for iface, tap in self.taps.items():
+            index = _index_of(iface, "eth", len(nets), "network interface")
+            if nets[index].backend != "tap":
+                raise ConfigError(f"network override {iface}: that interface is not on a tap")
+            nets[index] = dataclasses.replace(nets[index], tap=tap)
+        disks = list(config.all_disks)
+        for name, path in self.disks.items():
+            index = _index_of(name, "vd", len(disks), "disk", letters=True)
+            disks[index] = dataclasses.replace(disks[index], path=Path(path))
+        rootfs = disks.pop(0) if config.rootfs is not None else None
+        vsock = config.vsock
+        if self.vsock_uds is not None:
+            if vsock is None:
+                raise ConfigError("vsock override: the snapshot has no vsock device")
+            vsock = dataclasses.replace(vsock, uds=Path(self.vsock_uds))
+        return config.replace(
+            console=self.console,
+            metrics_path=self.metrics_path,
+            timeout=self.timeout,
+            net=tuple(nets),
+            disks=tuple(disks),
+            rootfs=rootfs,
+            vsock=vsock,
+            name=self.name or config.name,
+            track_dirty_pages=self.track_dirty_pages,
+        )
+
+
+def _index_of(name: str, prefix: str, count: int, what: str, letters: bool = False) -> int:
+    """The index in ``eth0``, ``eth1``... (or ``vda``, ``vdb``... with *letters*) that *name* is."""
+    suffix = name[len(prefix) :] if name.startswith(prefix) else ""
+    if letters:
+        index = ord(suffix) - ord("a") if len(suffix) == 1 else -1
+    else:
+        index = int(suffix) if suffix.isdigit() else -1
+    if not 0 <= index < count:
+        names = ", ".join(f"{prefix}{chr(ord('a') + i) if letters else i}" for i in range(count)) or "none"
+        raise ConfigError(f"{what} {name!r}: the snapshot has no such {what} (it has: {names})")
+    return index
+
+
+def restore(
+    state: SnapshotState,
+    mem_path: str | os.PathLike[str],
+    options: RestoreOptions | None = None,
+    *,
+    console: BinaryIO | None = None,
+) -> Machine:
+    """A machine from the snapshot *state* (:func:`pyrovm.snapshot.load_state`) and its memory file,
+    ready to :meth:`~Machine.start` (where it continues).  Guest RAM is mapped copy-on-write from
+    *mem_path* (which is never written).  Raises SnapshotError / ConfigError for bad input, HostError
+    when this host lacks a KVM capability the snapshot needs; nothing is left half-built."""
+    options = options or RestoreOptions()
+    config = options.apply(VmConfig.from_json(state.config))
+    config.validate(restoring=True)
+    stack = contextlib.ExitStack()
+    try:
+        memory = _map_snapshot_memory(mem_path, state.memory_layout, stack)
+        if config.track_dirty_pages:
+            memory.track_vmm_writes()
+        events = MachineEvents(_open_console(config, console, stack), config.boot_marker)
+        kvm, kvm_vm = _create_vm(config, memory, stack, k.constants.SNAPSHOT_CAPS)
+        devices = _create_devices(config, kvm_vm, memory, events, stack)
+        saved_devices = decode_devices(state, devices)
+        vstate.restore_vm(kvm_vm, state.vm, clock_realtime=options.clock_realtime)
+        vcpus = [kvm_vm.create_vcpu(i) for i in range(config.cpus)]
+        for vcpu, saved in zip(vcpus, state.vcpus, strict=True):
+            _restore_vcpu(vcpu, saved)
+        devices.restore_state(saved_devices)
+        parts = MachineParts(
+            config,
+            kvm,
+            kvm_vm,
+            memory,
+            devices,
+            vcpus,
+            state.boot,
+            events.watcher.log,
+            events,
+            stack,
+            state.host_workarounds_applied,
+            restored=True,
+        )
+        return Machine(parts)
+    except BaseException:
+        stack.close()
+        raise
+
+
+def _restore_vcpu(vcpu: k.Vcpu, saved: vstate.VcpuState) -> None:
+    try:
+        vstate.restore_vcpu(vcpu, saved)
+    except vstate.StateSizeError as exc:
+        raise SnapshotError(f"vCPU {vcpu.id}: {exc}") from None
+    except k.KvmError as exc:
+        if "KVM_SET_TSC_KHZ" in str(exc):
+            raise SnapshotError(
+                f"the snapshot's TSC runs at {saved.tsc_khz} kHz, this host's at {vcpu.get_tsc_khz()} kHz, "
+                "and its KVM cannot scale the TSC"
+            ) from None
+        raise
+
+
+def _map_snapshot_memory(
+    path: str | os.PathLike[str], regions: list[tuple[int, int]], stack: contextlib.ExitStack
+) -> GuestMemory:
+    expected = sum(size for _, size in regions)
+    try:
+        size = os.stat(path).st_size
+    except OSError as exc:
+        raise SnapshotError(f"memory file {path}: {exc.strerror}") from None
+    if size != expected:
+        raise SnapshotError(
+            f"memory file {path}: {size} bytes, the snapshot's guest RAM is {expected} bytes "
+            "(not this snapshot's memory file)"
+        )
+    try:
+        memory = GuestMemory.from_file(path, regions, private=True)
+    except OSError as exc:
+        raise SnapshotError(f"memory file {path}: {exc.strerror}") from None
+    stack.callback(memory.close)
+    return memory
 
 
 def _map_kernel(config: VmConfig, stack: contextlib.ExitStack) -> bytes:
@@ -118,11 +268,16 @@ def _map_memory(size: int, stack: contextlib.ExitStack) -> GuestMemory:
     return memory
 
 
-def _create_vm(config: VmConfig, memory: GuestMemory, stack: contextlib.ExitStack) -> tuple[k.Kvm, k.Vm]:
-    """Open KVM, check it, create the VM with its in-kernel irqchip and PIT, register guest RAM."""
+def _create_vm(
+    config: VmConfig, memory: GuestMemory, stack: contextlib.ExitStack, extra_caps: tuple[int, ...] = ()
+) -> tuple[k.Kvm, k.Vm]:
+    """Open KVM, check it, create the VM with its in-kernel irqchip and PIT, register guest RAM (with
+    KVM's dirty log when the config tracks dirty pages)."""
     kvm = k.Kvm(config.kvm_device)
     stack.callback(kvm.close)
     kvm.require()
+    if extra_caps:
+        kvm.require(extra_caps)
     if config.cpus > kvm.max_vcpus():
         raise ConfigError(f"{config.cpus} vCPUs: this host's KVM allows at most {kvm.max_vcpus()}")
     kvm_vm = kvm.create_vm()
@@ -131,8 +286,9 @@ def _create_vm(config: VmConfig, memory: GuestMemory, stack: contextlib.ExitStac
     kvm_vm.set_identity_map_addr(layout.IDENTITY_MAP_ADDR)
     kvm_vm.create_irqchip()
     kvm_vm.create_pit2()
+    flags = k.constants.KVM_MEM_LOG_DIRTY_PAGES if config.track_dirty_pages else 0
     for slot, region in enumerate(memory):
-        kvm_vm.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr)
+        kvm_vm.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr, flags)
     return kvm, kvm_vm
 
 

@@ -16,6 +16,7 @@ The manager makes only three KVM calls (``irq_line``, ``ioeventfd``, ``irqfd``),
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -38,6 +39,8 @@ from .devices.virtio import (
     VirtioRng,
     cmdline_fragment,
 )
+from .devices.virtio.device import VirtioDeviceState
+from .devices.virtio.mmio import MmioTransportState
 from .devices.virtio.net import FrameBackend, VirtioNet
 from .devices.virtio.vsock import VirtioVsock
 from .errors import ConfigError
@@ -77,6 +80,18 @@ class PlatformHooks:
     on_reset: Callable[[], None]  # the guest reset the machine (i8042)
     on_exit_port: Callable[[int], None]  # the guest wrote its status to the exit port
     on_boot_timer: Callable[[float], None]  # the guest wrote 123 to the boot-timer device
+
+
+@dataclass
+class VirtioSlotState:
+    """A virtio device's saved state and its transport's."""
+
+    device: VirtioDeviceState
+    transport: MmioTransportState
+
+
+#: The legacy devices' attribute names (also their names in saved states), in restore order.
+LEGACY_DEVICES = ("serial", "i8042", "debug_exit", "rtc", "boot_timer")
 
 
 @dataclass
@@ -248,15 +263,50 @@ class DeviceManager:
         }
 
     def save_state(self) -> dict[str, Any]:
-        """The state of every device, by name (each a device's own ``State`` dataclass)."""
+        """The state of every device, by name: a legacy device's own ``State`` dataclass; for a virtio
+        device a :class:`VirtioSlotState` (the device's state and its transport's)."""
         states: dict[str, Any] = {}
-        for name in ("serial", "i8042", "debug_exit", "rtc", "boot_timer"):
+        for name in LEGACY_DEVICES:
             dev = getattr(self, name, None)
             if dev is not None:
                 states[name] = dev.save_state()
-        for slot in self.slots:
-            states[slot.name] = slot.transport.save_state()
+        for slot in self.slots:  # (paused: the I/O thread does not touch them)
+            states[slot.name] = VirtioSlotState(
+                slot.transport.device.save_state(), slot.transport.save_state()
+            )
         return states
+
+    def state_types(self) -> dict[str, tuple[type, ...]]:
+        """The state class(es) of each device :meth:`save_state` names (to read saved states back)."""
+        types: dict[str, tuple[type, ...]] = {}
+        for name in LEGACY_DEVICES:
+            dev = getattr(self, name, None)
+            if dev is not None:
+                types[name] = (type(dev.save_state()),)
+        for slot in self.slots:
+            types[slot.name] = (type(slot.transport.device.save_state()), MmioTransportState)
+        return types
+
+    def restore_state(self, states: dict[str, Any]) -> None:
+        """Load *states* (from :meth:`save_state` of a VM with the same devices) before the VM starts;
+        vsock devices then tell the guest its connections are gone (TRANSPORT_RESET)."""
+        for name in LEGACY_DEVICES:
+            if name in states:
+                getattr(self, name).restore_state(states[name])
+        for slot in self.slots:
+            saved: VirtioSlotState = states[slot.name]
+            slot.transport.device.restore_state(saved.device)
+            slot.transport.restore_state(saved.transport)
+
+    def after_restore(self) -> None:
+        """Once the I/O thread runs after a restore: serve what the guest queued before the snapshot
+        (it will not notify again) and reset vsock connections (the host side is a new process)."""
+        for slot in self.slots:
+            device = slot.transport.device
+            if isinstance(device, VirtioVsock):
+                self.loop.call_soon_threadsafe(functools.partial(device.locked, device.transport_reset))
+            for index in range(device.num_queues):  # (announces the reset event too)
+                self.loop.call_soon_threadsafe(functools.partial(slot.transport.process_queue, index))
 
     # -- releasing ---------------------------------------------------------------------------------------
     def close(self) -> None:

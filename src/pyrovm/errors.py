@@ -35,4 +35,17 @@ class StateError(PyrovmError, RuntimeError):
     """The operation does not fit the VM's state (start twice, pause before start, resume a stopped VM)."""
 
 
-__all__ = ["ConfigError", "DeviceError", "GuestError", "HostError", "PyrovmError", "StateError"]
+class SnapshotError(ConfigError):
+    """A snapshot cannot be read or restored: a truncated, corrupted or foreign state file, a memory file
+    of the wrong size, devices the snapshot needs that the restore cannot provide."""
+
+
+__all__ = [
+    "ConfigError",
+    "DeviceError",
+    "GuestError",
+    "HostError",
+    "PyrovmError",
+    "SnapshotError",
+    "StateError",
+]

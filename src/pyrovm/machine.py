@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import threading
 import time
 import weakref
@@ -80,6 +81,7 @@ class MachineParts:
     events: MachineEvents
     resources: contextlib.ExitStack
     host_workarounds_applied: bool = False
+    restored: bool = False
 
 
 class Machine:
@@ -95,6 +97,11 @@ class Machine:
         self.console = parts.console
         self.events = parts.events
         self.host_workarounds_applied = parts.host_workarounds_applied
+        #: True when built from a snapshot (:func:`pyrovm.builder.restore`)
+        self.restored = parts.restored
+        #: True once the guest memory has a base file a diff snapshot can apply to (a snapshot was taken,
+        #: or the machine was restored from one)
+        self.has_snapshot_base = parts.restored
         self.vcpu_threads = VcpuThreads(
             parts.vcpus, parts.devices.pio_bus, parts.devices.mmio_bus, parts.memory, parts.events.latch
         )
@@ -133,8 +140,9 @@ class Machine:
         return self._paused and not self._done.is_set()
 
     # -- life cycle ------------------------------------------------------------------------------------
-    def start(self) -> Machine:
-        """Start the I/O thread and the vCPU threads (returns at once)."""
+    def start(self, paused: bool = False) -> Machine:
+        """Start the I/O thread and the vCPU threads (returns at once); with *paused* nothing runs until
+        :meth:`resume`.  A machine restored from a snapshot continues where the snapshot was taken."""
         with self._lock:
             if self.vcpu_threads.started or self._done.is_set():
                 raise StateError("the VM was already started")
@@ -142,7 +150,12 @@ class Machine:
                 raise StateError("the VM was closed")
             self.started_at = time.monotonic()
             self.devices.start()
-            self.vcpu_threads.start()
+            if paused:
+                self.devices.pause()
+            if self.restored:
+                self.devices.after_restore()
+            self.vcpu_threads.start(paused=paused)
+            self._paused = paused
         return self
 
     def pause(self, timeout: float = PAUSE_TIMEOUT) -> None:
@@ -167,6 +180,20 @@ class Machine:
             self.vcpu_threads.resume()
             self._paused = False
             log.info("VM resumed")
+
+    def snapshot(
+        self, state_path: str | os.PathLike[str], mem_path: str | os.PathLike[str], diff: bool = False
+    ) -> Any:
+        """Save the paused VM to a state file and a memory file (see :mod:`pyrovm.snapshot`); returns a
+        :class:`pyrovm.snapshot.SnapshotInfo`.  *diff*: only the pages written since the last snapshot
+        (needs ``track_dirty_pages``)."""
+        from .snapshot import take_snapshot
+
+        with self._lock:
+            self._require_running("snapshot")
+            if not self._paused:
+                raise StateError("pause the VM before taking a snapshot")
+            return take_snapshot(self, state_path, mem_path, diff=diff)
 
     def _require_running(self, what: str) -> None:
         if not self.vcpu_threads.started:

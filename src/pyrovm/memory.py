@@ -72,11 +72,12 @@ def _one_region_access(
     return view, contains
 
 
-def _map(size: int, fd: int | None, offset: int) -> mmap.mmap:
+def _map(size: int, fd: int | None, offset: int, private: bool = False) -> mmap.mmap:
     if fd is None:
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
         return mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+    flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0) if private else mmap.MAP_SHARED
+    return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
 
 
 class GuestMemory:
@@ -87,8 +88,12 @@ class GuestMemory:
     #: ``contains(gpa, length=1)``: True when ``[gpa, gpa + length)`` lies in one region.
     contains: Callable[..., bool]
 
-    def __init__(self, layout: Iterable[tuple[int, int]], fd: int | None = None) -> None:
-        """Map each ``(guest_addr, size)`` of *layout*: anonymous memory, or consecutive parts of *fd*."""
+    def __init__(
+        self, layout: Iterable[tuple[int, int]], fd: int | None = None, private: bool = False
+    ) -> None:
+        """Map each ``(guest_addr, size)`` of *layout*: anonymous memory, or consecutive parts of *fd*
+        (shared, or with *private* copy-on-write: pages load from the file on demand and writes stay in
+        this process, the file never changes)."""
         regions: list[MemoryRegion] = []
         offset = 0
         for guest_addr, size in sorted(layout):
@@ -98,7 +103,7 @@ class GuestMemory:
                 )
             if regions and guest_addr < regions[-1].end:
                 raise GuestMemoryError(f"memory region at {guest_addr:#x} overlaps the previous one")
-            mm = _map(size, fd, offset)
+            mm = _map(size, fd, offset, private)
             offset += size
             host_addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
             regions.append(MemoryRegion(guest_addr, size, mm, memoryview(mm), host_addr))
@@ -106,6 +111,9 @@ class GuestMemory:
             raise GuestMemoryError("guest memory needs at least one region")
         self._regions = regions
         self._starts = [r.guest_addr for r in regions]
+        #: guest page numbers (``gpa >> 12``) the VMM wrote into, collected only after
+        #: :meth:`track_vmm_writes` (the virtqueues add the pages of every device-writable buffer)
+        self.vmm_dirty: set[int] | None = None
         if len(regions) == 1:
             self.view, self.contains = _one_region_access(regions[0])
         else:
@@ -145,6 +153,11 @@ class GuestMemory:
         """Host virtual address of guest physical address *gpa*."""
         r, off = self._find(gpa, 1)
         return r.host_addr + off
+
+    def track_vmm_writes(self) -> None:
+        """Start collecting the pages the VMM's devices write (KVM's dirty log sees only the guest's)."""
+        if self.vmm_dirty is None:
+            self.vmm_dirty = set()
 
     # -- access --------------------------------------------------------------------------------------
     def _view_any(self, gpa: int, length: int) -> memoryview:
@@ -222,10 +235,13 @@ class GuestMemory:
         return cls([(0, size)])
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str], layout: Iterable[tuple[int, int]]) -> GuestMemory:
-        """Regions backed by consecutive parts of the file at *path* (shared mapping)."""
-        fd = os.open(path, os.O_RDWR)
+    def from_file(
+        cls, path: str | os.PathLike[str], layout: Iterable[tuple[int, int]], private: bool = False
+    ) -> GuestMemory:
+        """Regions backed by consecutive parts of the file at *path*: a shared mapping, or with *private*
+        a copy-on-write one of a file opened read-only (snapshot restore)."""
+        fd = os.open(path, os.O_RDONLY if private else os.O_RDWR)
         try:
-            return cls(layout, fd=fd)
+            return cls(layout, fd=fd, private=private)
         finally:
             os.close(fd)

@@ -192,7 +192,8 @@ class VcpuThreads:
         self._finished = 0  # vCPU threads that returned
 
     # -- life cycle --------------------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, paused: bool = False) -> None:
+        """Start the threads; with *paused* each parks before it first enters the guest."""
         if self._threads:
             raise StateError("the vCPUs are already running")
         if not kick_handler_installed():
@@ -202,6 +203,7 @@ class VcpuThreads:
                     "from the main thread before starting VMs in other threads"
                 )
             install_kick_handler()
+        self._pause_requested = paused
         for i, vcpu in enumerate(self.vcpus):
             self._threads.append(
                 threading.Thread(target=self._run, args=(i, vcpu), name=f"vcpu{i}", daemon=True)
@@ -297,6 +299,8 @@ class VcpuThreads:
     def _loop(self, index: int, vcpu: k.Vcpu) -> None:
         pio, mmio, stats, run = self._pio, self._mmio, self.stats[index], vcpu.run
         seen_poll = 0
+        if self._pause_requested and not self._stopping:  # started paused (a restored snapshot)
+            self._park()
         while not self._stopping:
             outcome = handle_exit(run(), pio, mmio, vcpu, stats)
             if outcome is Next.CONTINUE:

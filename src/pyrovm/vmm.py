@@ -13,12 +13,13 @@ config directly.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from .builder import build
+from .builder import RestoreOptions, build, restore
 from .config import DEFAULT_CMDLINE, DiskSpec, NetSpec, VmConfig, VsockSpec, parse_size
 from .console import ConsoleLog
 from .devices.bus import Bus
@@ -28,6 +29,7 @@ from .machine import Machine
 from .memory import GuestMemory
 from .netback.vsock import VsockHost
 from .result import ExitCode, ExitReason, VmExit
+from .snapshot import SnapshotInfo, load_state
 from .vcpu import KICK_SIGNAL, install_kick_handler
 
 __all__ = [
@@ -36,6 +38,8 @@ __all__ = [
     "ConfigError",
     "ExitCode",
     "ExitReason",
+    "RestoreOptions",
+    "SnapshotInfo",
     "VmExit",
     "install_kick_handler",
     "parse_size",
@@ -68,6 +72,7 @@ class VM:
         net: Sequence[str | NetSpec] = (),
         name: str = "pyrovm",
         vsock: str | VsockSpec | None = None,
+        track_dirty_pages: bool = False,
     ) -> None:
         """Check the configuration and build the VM (nothing runs until :meth:`start`).
 
@@ -78,7 +83,8 @@ class VM:
         *rng_rate* its byte-rate limit.  *net*: virtio-net NICs, as ``pyrovm run --net`` takes them
         (``"tap=tap0"``, ``"user,hostfwd=tcp::2222-:22"``) or :class:`NetSpec`; *name*: the VM's name
         (default MACs derive from it).  *vsock*: ``"cid=N[,uds=PATH]"`` or a :class:`VsockSpec`, then
-        :attr:`vsock` connects to guest ports.  Bad input raises :class:`ConfigError` (or its subclass
+        :attr:`vsock` connects to guest ports.  *track_dirty_pages*: KVM's dirty log on guest RAM, so that
+        :meth:`snapshot` can take diff snapshots.  Bad input raises :class:`ConfigError` (or its subclass
         :class:`pyrovm.loader.KernelLoadError`); a host that cannot run VMs :class:`pyrovm.errors.HostError`
         (e.g. :class:`pyrovm.kvm.KvmUnavailable`); all are :class:`pyrovm.PyrovmError`.
 
@@ -110,6 +116,7 @@ class VM:
             net=tuple(NetSpec.of(n) for n in net),
             name=name,
             vsock=None if vsock is None else VsockSpec.of(vsock),
+            track_dirty_pages=track_dirty_pages,
         )
         self.machine = build(config, console=sink)
 
@@ -199,6 +206,52 @@ class VM:
     def resume(self) -> None:
         """Continue a paused guest exactly where it was."""
         self.machine.resume()
+
+    # -- snapshots -------------------------------------------------------------------------------------
+    def snapshot(
+        self, state_path: str | os.PathLike[str], mem_path: str | os.PathLike[str], diff: bool = False
+    ) -> SnapshotInfo:
+        """Save the VM to a state file and a memory file (sparse); a running VM is paused for it and
+        resumed after.  *diff*: only the pages written since the previous snapshot (or the restore), for
+        a VM built with ``track_dirty_pages=True``; apply it to its base with
+        :func:`pyrovm.snapshot.memfile.rebase`.  Returns what was written (sizes, time)."""
+        was_running = not self.machine.paused
+        if was_running:
+            self.machine.pause()
+        try:
+            info: SnapshotInfo = self.machine.snapshot(state_path, mem_path, diff=diff)
+        finally:
+            if was_running:
+                self.machine.resume()
+        return info
+
+    @classmethod
+    def restore(
+        cls,
+        state_path: str | os.PathLike[str],
+        mem_path: str | os.PathLike[str],
+        *,
+        console: str | BinaryIO | None = None,
+        resume: bool = False,
+        options: RestoreOptions | None = None,
+    ) -> VM:
+        """A VM from a snapshot, started and paused where the snapshot was taken (running with *resume*).
+        Its memory is mapped copy-on-write from *mem_path* (never written), so many VMs restored from one
+        snapshot share its pages.  *options*: a :class:`pyrovm.builder.RestoreOptions` (new taps, vsock
+        socket, disk images, VM name, dirty-page tracking, ``clock_realtime``).  Bad input raises
+        :class:`pyrovm.errors.SnapshotError` (a ConfigError)."""
+        opts = options or RestoreOptions()
+        if isinstance(console, str):
+            opts = dataclasses.replace(opts, console=console)
+        state = load_state(state_path)
+        vm = cls.__new__(cls)
+        vm.machine = restore(state, mem_path, opts, console=None if isinstance(console, str) else console)
+        try:
+            vm.machine.start(paused=not resume)
+        except BaseException:
+            vm.machine.close()
+            raise
+        return vm
 
     def stop(self, reason: ExitReason = ExitReason.STOPPED, message: str = "stopped by the host") -> VmExit:
         """End the VM from any thread; returns how it ended (another reason may have come first)."""

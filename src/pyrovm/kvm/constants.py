@@ -47,6 +47,11 @@ KVM_IRQ_LINE = _iow(0x61, s.kvm_irq_level)
 KVM_IRQFD = _iow(0x76, s.kvm_irqfd)
 KVM_CREATE_PIT2 = _iow(0x77, s.kvm_pit_config)
 KVM_IOEVENTFD = _iow(0x79, s.kvm_ioeventfd)
+KVM_GET_DIRTY_LOG = _iow(0x42, s.kvm_dirty_log)
+KVM_GET_IRQCHIP = _iowr(0x62, s.kvm_irqchip)
+KVM_SET_IRQCHIP = _ior(0x63, s.kvm_irqchip)
+KVM_GET_PIT2 = _ior(0x9F, s.kvm_pit_state2)
+KVM_SET_PIT2 = _iow(0xA0, s.kvm_pit_state2)
 KVM_SET_CLOCK = _iow(0x7B, s.kvm_clock_data)
 KVM_GET_CLOCK = _ior(0x7C, s.kvm_clock_data)
 # vcpu
@@ -66,6 +71,17 @@ KVM_SET_CPUID2 = _iow(0x90, s.kvm_cpuid2)
 KVM_GET_CPUID2 = _iowr(0x91, s.kvm_cpuid2)
 KVM_GET_MP_STATE = _ior(0x98, s.kvm_mp_state)
 KVM_SET_MP_STATE = _iow(0x99, s.kvm_mp_state)
+KVM_GET_VCPU_EVENTS = _ior(0x9F, s.kvm_vcpu_events)
+KVM_SET_VCPU_EVENTS = _iow(0xA0, s.kvm_vcpu_events)
+KVM_GET_DEBUGREGS = _ior(0xA1, s.kvm_debugregs)
+KVM_SET_DEBUGREGS = _iow(0xA2, s.kvm_debugregs)
+KVM_SET_TSC_KHZ = _io(0xA2)
+KVM_GET_TSC_KHZ = _io(0xA3)
+KVM_GET_XSAVE = _ior(0xA4, s.kvm_xsave)
+KVM_SET_XSAVE = _iow(0xA5, s.kvm_xsave)
+KVM_GET_XCRS = _ior(0xA6, s.kvm_xcrs)
+KVM_SET_XCRS = _iow(0xA7, s.kvm_xcrs)
+KVM_KVMCLOCK_CTRL = _io(0xAD)
 
 # exit reasons
 KVM_EXIT_UNKNOWN = 0
@@ -106,7 +122,10 @@ KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
 KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
 
 KVM_PIT_SPEAKER_DUMMY = 1
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1
+KVM_CLOCK_TSC_STABLE = 1 << 1
+KVM_CLOCK_REALTIME = 1 << 2
 
 # capabilities (KVM_CHECK_EXTENSION)
 KVM_CAP_IRQCHIP = 0
@@ -121,8 +140,16 @@ KVM_CAP_IRQ_ROUTING = 25
 KVM_CAP_SET_IDENTITY_MAP_ADDR = 37
 KVM_CAP_IRQFD = 32
 KVM_CAP_PIT2 = 33
+KVM_CAP_PIT_STATE2 = 35
 KVM_CAP_IOEVENTFD = 36
 KVM_CAP_ADJUST_CLOCK = 39
+KVM_CAP_VCPU_EVENTS = 41
+KVM_CAP_DEBUGREGS = 50
+KVM_CAP_XSAVE = 55
+KVM_CAP_XCRS = 56
+KVM_CAP_TSC_CONTROL = 60
+KVM_CAP_GET_TSC_KHZ = 61
+KVM_CAP_KVMCLOCK_CTRL = 76
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_IMMEDIATE_EXIT = 136
 
@@ -143,6 +170,14 @@ CAP_NAMES = {
     KVM_CAP_ADJUST_CLOCK: "ADJUST_CLOCK",
     KVM_CAP_MAX_VCPUS: "MAX_VCPUS",
     KVM_CAP_IMMEDIATE_EXIT: "IMMEDIATE_EXIT",
+    KVM_CAP_PIT_STATE2: "PIT_STATE2",
+    KVM_CAP_VCPU_EVENTS: "VCPU_EVENTS",
+    KVM_CAP_DEBUGREGS: "DEBUGREGS",
+    KVM_CAP_XSAVE: "XSAVE",
+    KVM_CAP_XCRS: "XCRS",
+    KVM_CAP_TSC_CONTROL: "TSC_CONTROL",
+    KVM_CAP_GET_TSC_KHZ: "GET_TSC_KHZ",
+    KVM_CAP_KVMCLOCK_CTRL: "KVMCLOCK_CTRL",
 }
 
 #: Capabilities pyrovm cannot work without.
@@ -155,4 +190,15 @@ REQUIRED_CAPS = (
     KVM_CAP_IRQFD,
     KVM_CAP_IMMEDIATE_EXIT,
     KVM_CAP_MP_STATE,
+)
+
+#: Capabilities a snapshot needs, to take one and to restore one (checked before anything is created).
+SNAPSHOT_CAPS = (
+    KVM_CAP_PIT_STATE2,
+    KVM_CAP_ADJUST_CLOCK,
+    KVM_CAP_VCPU_EVENTS,
+    KVM_CAP_DEBUGREGS,
+    KVM_CAP_XSAVE,
+    KVM_CAP_XCRS,
+    KVM_CAP_GET_TSC_KHZ,
 )

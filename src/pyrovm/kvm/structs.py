@@ -134,6 +134,80 @@ class kvm_clock_data(ctypes.Structure):
     ]
 
 
+# --- state saved in snapshots ----------------------------------------------------------------------
+
+class kvm_xsave(ctypes.Structure):
+    _fields_ = [("region", c_uint32 * 1024)]
+
+
+class kvm_xcr(ctypes.Structure):
+    _fields_ = [("xcr", c_uint32), ("reserved", c_uint32), ("value", c_uint64)]
+
+
+KVM_MAX_XCRS = 16
+
+
+class kvm_xcrs(ctypes.Structure):
+    _fields_ = [
+        ("nr_xcrs", c_uint32), ("flags", c_uint32), ("xcrs", kvm_xcr * KVM_MAX_XCRS),
+        ("padding", c_uint64 * 16),
+    ]
+
+
+class kvm_debugregs(ctypes.Structure):
+    _fields_ = [
+        ("db", c_uint64 * 4), ("dr6", c_uint64), ("dr7", c_uint64), ("flags", c_uint64),
+        ("reserved", c_uint64 * 9),
+    ]
+
+
+class kvm_vcpu_events_exception(ctypes.Structure):
+    _fields_ = [
+        ("injected", c_uint8), ("nr", c_uint8), ("has_error_code", c_uint8), ("pending", c_uint8),
+        ("error_code", c_uint32),
+    ]
+
+
+class kvm_vcpu_events_4(ctypes.Structure):
+    """The four-byte members (interrupt, nmi, smi), each four __u8."""
+    _fields_ = [("b", c_uint8 * 4)]
+
+
+class kvm_vcpu_events(ctypes.Structure):
+    _fields_ = [
+        ("exception", kvm_vcpu_events_exception), ("interrupt", kvm_vcpu_events_4),
+        ("nmi", kvm_vcpu_events_4), ("sipi_vector", c_uint32), ("flags", c_uint32),
+        ("smi", kvm_vcpu_events_4), ("triple_fault", c_uint8), ("reserved", c_uint8 * 26),
+        ("exception_has_payload", c_uint8), ("exception_payload", c_uint64),
+    ]
+
+
+class kvm_pit_channel_state(ctypes.Structure):
+    _fields_ = [
+        ("count", c_uint32), ("latched_count", c_uint16), ("count_latched", c_uint8),
+        ("status_latched", c_uint8), ("status", c_uint8), ("read_state", c_uint8),
+        ("write_state", c_uint8), ("write_latch", c_uint8), ("rw_mode", c_uint8), ("mode", c_uint8),
+        ("bcd", c_uint8), ("gate", c_uint8), ("count_load_time", ctypes.c_int64),
+    ]
+
+
+class kvm_pit_state2(ctypes.Structure):
+    _fields_ = [("channels", kvm_pit_channel_state * 3), ("flags", c_uint32), ("reserved", c_uint32 * 9)]
+
+
+KVM_IRQCHIP_PIC_MASTER = 0
+KVM_IRQCHIP_PIC_SLAVE = 1
+KVM_IRQCHIP_IOAPIC = 2
+
+
+class kvm_irqchip(ctypes.Structure):
+    _fields_ = [("chip_id", c_uint32), ("pad", c_uint32), ("chip", c_uint8 * 512)]
+
+
+class kvm_dirty_log(ctypes.Structure):
+    _fields_ = [("slot", c_uint32), ("padding1", c_uint32), ("dirty_bitmap", c_uint64)]
+
+
 # --- struct kvm_run and the members of its exit union that pyrovm reads ---------------------------
 
 class kvm_run_io(ctypes.Structure):

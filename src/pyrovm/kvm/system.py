@@ -229,6 +229,38 @@ class Vm:
         _ioctl(self.fd, c.KVM_GET_CLOCK, data, "KVM_GET_CLOCK")
         return data
 
+    def set_clock(self, clock: int, flags: int = 0, realtime: int = 0) -> None:
+        """Set kvmclock to *clock* ns; with ``KVM_CLOCK_REALTIME`` in *flags*, KVM adds the host wall time
+        elapsed since *realtime* (ns since the epoch, from :meth:`get_clock`)."""
+        data = s.kvm_clock_data(clock=clock, flags=flags, realtime=realtime)
+        _ioctl(self.fd, c.KVM_SET_CLOCK, data, "KVM_SET_CLOCK")
+
+    def get_irqchip(self, chip_id: int) -> s.kvm_irqchip:
+        """The state of the in-kernel PIC master (0), PIC slave (1) or IOAPIC (2)."""
+        chip = s.kvm_irqchip(chip_id=chip_id)
+        _ioctl(self.fd, c.KVM_GET_IRQCHIP, chip, "KVM_GET_IRQCHIP")
+        return chip
+
+    def set_irqchip(self, chip: s.kvm_irqchip) -> None:
+        _ioctl(self.fd, c.KVM_SET_IRQCHIP, chip, "KVM_SET_IRQCHIP")
+
+    def get_pit2(self) -> s.kvm_pit_state2:
+        pit = s.kvm_pit_state2()
+        _ioctl(self.fd, c.KVM_GET_PIT2, pit, "KVM_GET_PIT2")
+        return pit
+
+    def set_pit2(self, pit: s.kvm_pit_state2) -> None:
+        _ioctl(self.fd, c.KVM_SET_PIT2, pit, "KVM_SET_PIT2")
+
+    def get_dirty_log(self, slot: int, pages: int) -> bytes:
+        """The bitmap (one bit per page, little-endian 64-bit words) of memory slot *slot*'s pages written
+        since the last call (the slot must have been registered with ``KVM_MEM_LOG_DIRTY_PAGES``)."""
+        words = (pages + 63) // 64
+        bitmap = (ctypes.c_uint64 * max(words, 1))()
+        log = s.kvm_dirty_log(slot=slot, dirty_bitmap=ctypes.addressof(bitmap))
+        _ioctl(self.fd, c.KVM_GET_DIRTY_LOG, log, "KVM_GET_DIRTY_LOG")
+        return bytes(bitmap)[: (pages + 7) // 8]
+
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
         fd = _ioctl(self.fd, c.KVM_CREATE_VCPU, vcpu_id, "KVM_CREATE_VCPU")
         vcpu = Vcpu(self, vcpu_id, fd)
@@ -390,6 +422,55 @@ class Vcpu:
 
     def set_mp_state(self, state: int) -> None:
         _ioctl(self.fd, c.KVM_SET_MP_STATE, s.kvm_mp_state(state), "KVM_SET_MP_STATE")
+
+    def get_cpuid2(self, max_entries: int = 256) -> list[s.kvm_cpuid_entry2]:
+        """The CPUID entries set on this vCPU."""
+        buf = s.cpuid2_type(max_entries)()
+        buf.nent = max_entries
+        _ioctl(self.fd, c.KVM_GET_CPUID2, buf, "KVM_GET_CPUID2")
+        return [s.kvm_cpuid_entry2.from_buffer_copy(buf.entries[i]) for i in range(buf.nent)]
+
+    def get_xsave(self) -> s.kvm_xsave:
+        xsave = s.kvm_xsave()
+        _ioctl(self.fd, c.KVM_GET_XSAVE, xsave, "KVM_GET_XSAVE")
+        return xsave
+
+    def set_xsave(self, xsave: s.kvm_xsave) -> None:
+        _ioctl(self.fd, c.KVM_SET_XSAVE, xsave, "KVM_SET_XSAVE")
+
+    def get_xcrs(self) -> s.kvm_xcrs:
+        xcrs = s.kvm_xcrs()
+        _ioctl(self.fd, c.KVM_GET_XCRS, xcrs, "KVM_GET_XCRS")
+        return xcrs
+
+    def set_xcrs(self, xcrs: s.kvm_xcrs) -> None:
+        _ioctl(self.fd, c.KVM_SET_XCRS, xcrs, "KVM_SET_XCRS")
+
+    def get_debugregs(self) -> s.kvm_debugregs:
+        regs = s.kvm_debugregs()
+        _ioctl(self.fd, c.KVM_GET_DEBUGREGS, regs, "KVM_GET_DEBUGREGS")
+        return regs
+
+    def set_debugregs(self, regs: s.kvm_debugregs) -> None:
+        _ioctl(self.fd, c.KVM_SET_DEBUGREGS, regs, "KVM_SET_DEBUGREGS")
+
+    def get_vcpu_events(self) -> s.kvm_vcpu_events:
+        events = s.kvm_vcpu_events()
+        _ioctl(self.fd, c.KVM_GET_VCPU_EVENTS, events, "KVM_GET_VCPU_EVENTS")
+        return events
+
+    def set_vcpu_events(self, events: s.kvm_vcpu_events) -> None:
+        _ioctl(self.fd, c.KVM_SET_VCPU_EVENTS, events, "KVM_SET_VCPU_EVENTS")
+
+    def get_tsc_khz(self) -> int:
+        return _ioctl(self.fd, c.KVM_GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ")
+
+    def set_tsc_khz(self, khz: int) -> None:
+        _ioctl(self.fd, c.KVM_SET_TSC_KHZ, khz, "KVM_SET_TSC_KHZ")
+
+    def kvmclock_ctrl(self) -> None:
+        """Tell the guest's kvmclock that the vCPU was stopped (no soft-lockup warning on resume)."""
+        _ioctl(self.fd, c.KVM_KVMCLOCK_CTRL, 0, "KVM_KVMCLOCK_CTRL")
 
     def translate(self, linear_address: int) -> int | None:
         """Guest physical address of *linear_address* under the vCPU's current paging, or None."""

@@ -125,7 +125,7 @@ class VirtioDevice:
         if lock is not None:
             self._lock = lock
 
-    def locked(self, fn: Callable[[], None]) -> None:
+    def locked(self, fn: Callable[[], object]) -> None:
         """Run *fn* serialised with the device's queue processing (under the transport's lock once bound)."""
         with self._lock:
             fn()

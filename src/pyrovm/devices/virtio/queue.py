@@ -352,6 +352,7 @@ class SplitQueue:
         )
         self._view = memory.view
         self._contains = memory.contains
+        self._vmm_dirty = memory.vmm_dirty  # (the used rings are added by the snapshot that reads it)
         self._added = 0  # used entries added since the last needs_notification()
         #: the most descriptors a direct chain may have (a longer one counts as a loop)
         self._direct_limit = min(size, MAX_CHAIN_DESCRIPTORS)
@@ -395,6 +396,10 @@ class SplitQueue:
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
         self._walk(head, readable, writable)
+        dirty = self._vmm_dirty
+        if dirty is not None and writable:  # dirty-page tracking: the device may write all of them
+            for gpa, length in writable:
+                dirty.update(range(gpa >> 12, ((gpa + length - 1) >> 12) + 1))
         return DescriptorChain(self.memory, head, readable, writable)
 
     def _outside(self, head: int, readable: list[tuple[int, int]], writable: list[tuple[int, int]]) -> None:
