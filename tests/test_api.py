@@ -103,11 +103,19 @@ def test_describe_version_and_machine_config_defaults() -> None:
         ("PATCH", "/drives/a", {"drive_id": "a", "path_on_host": "y"}, BEFORE),
         ("GET", "/balloon", None, "A balloon device is not supported by pyrovm yet."),
         ("PUT", "/mmds", {}, "MMDS (the microVM metadata service) is not supported by pyrovm yet."),
+        ("PUT", "/snapshot/create", {"snapshot_path": "s", "mem_file_path": "m"}, BEFORE),
+        ("PUT", "/snapshot/load", {"snapshot_path": "s"}, "missing field `mem_backend`"),
         (
             "PUT",
-            "/snapshot/create",
-            {"snapshot_path": "s", "mem_file_path": "m"},
-            "Snapshots are not supported",
+            "/snapshot/load",
+            {"snapshot_path": "s", "mem_backend": {"backend_type": "Uffd", "backend_path": "u"}},
+            "the Uffd memory backend is not supported",
+        ),
+        (
+            "PUT",
+            "/snapshot/load",
+            {"snapshot_path": "/nonexistent", "mem_file_path": "m"},
+            "Load snapshot error: state file /nonexistent: No such file or directory",
         ),
         (
             "PUT",

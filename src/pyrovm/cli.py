@@ -74,6 +74,7 @@ def _run_config(args: argparse.Namespace) -> VmConfig:
         net=tuple(NetSpec.parse(n) for n in args.net),
         name=args.name,
         vsock=None if args.vsock is None else VsockSpec.parse(args.vsock),
+        track_dirty_pages=args.track_dirty_pages,
     )
 
 
@@ -229,6 +230,18 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "network different names",
     )
     run.add_argument(
+        "--api-sock",
+        default=None,
+        metavar="PATH",
+        help="serve the Firecracker-compatible API for this VM on the Unix socket PATH: pause, resume, "
+        "snapshot it ('pyrovm snapshot create --api-sock PATH'), metrics",
+    )
+    run.add_argument(
+        "--track-dirty-pages",
+        action="store_true",
+        help="track the pages the guest and the devices write, so that diff snapshots can be taken",
+    )
+    run.add_argument(
         "--metrics",
         default=None,
         metavar="FILE",
@@ -281,6 +294,9 @@ def build_parser(with_tools: bool = True) -> argparse.ArgumentParser:
     sub.required = True
 
     _add_run_parser(sub)
+    from .snapshot.cli import register as register_snapshot
+
+    register_snapshot(sub)
 
     guest = sub.add_parser(
         "guest",

@@ -182,7 +182,11 @@ class Machine:
             log.info("VM resumed")
 
     def snapshot(
-        self, state_path: str | os.PathLike[str], mem_path: str | os.PathLike[str], diff: bool = False
+        self,
+        state_path: str | os.PathLike[str],
+        mem_path: str | os.PathLike[str],
+        diff: bool = False,
+        extra: dict[str, Any] | None = None,
     ) -> Any:
         """Save the paused VM to a state file and a memory file (see :mod:`pyrovm.snapshot`); returns a
         :class:`pyrovm.snapshot.SnapshotInfo`.  *diff*: only the pages written since the last snapshot
@@ -193,7 +197,7 @@ class Machine:
             self._require_running("snapshot")
             if not self._paused:
                 raise StateError("pause the VM before taking a snapshot")
-            return take_snapshot(self, state_path, mem_path, diff=diff)
+            return take_snapshot(self, state_path, mem_path, diff=diff, extra=extra)
 
     def _require_running(self, what: str) -> None:
         if not self.vcpu_threads.started:

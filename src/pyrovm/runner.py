@@ -17,8 +17,9 @@ import signal
 import stat
 import sys
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from .errors import PyrovmError
 from .result import ExitReason, VmExit
 
 if TYPE_CHECKING:
@@ -182,9 +183,16 @@ def run_vm(vm: VM, args: argparse.Namespace, signals: SignalWorker, started: flo
     """Run the built *vm* to its end; returns the exit status of ``pyrovm run``."""
     timing = BootTiming(vm, bool(args.boot_timer), started) if args.boot_timer or args.boot_marker else None
     terminal = None
+    server = None
     try:
         if signals.stop_signal is not None:  # a stop signal came while the VM was being built
             return 128 + signals.stop_signal
+        if getattr(args, "api_sock", None):
+            try:
+                server = _api_server(vm, args.api_sock)
+            except PyrovmError as exc:
+                print(f"pyrovm: {exc}", file=sys.stderr)
+                return 2
         if args.console == "stdio":
             from .terminal import Terminal
 
@@ -194,6 +202,8 @@ def run_vm(vm: VM, args: argparse.Namespace, signals: SignalWorker, started: flo
         signals.started(vm)
         result = vm.wait(vm.config.timeout)
     finally:
+        if server is not None:
+            server.close()
         if terminal is not None:
             terminal.stop()
         signals.write_metrics()
@@ -203,6 +213,18 @@ def run_vm(vm: VM, args: argparse.Namespace, signals: SignalWorker, started: flo
     if signals.stop_signal is not None and (signals.stopped_vm or result.reason is ExitReason.STOPPED):
         return 128 + signals.stop_signal  # 130 (ExitCode.INTERRUPTED) for SIGINT
     return _report(vm, result, args)
+
+
+def _api_server(vm: VM, path: str) -> Any:
+    """The Firecracker-compatible API for *vm* on *path* (ConfigError when the path exists)."""
+    from .api.controller import Controller
+    from .api.server import ApiServer
+
+    controller = Controller(vm.config.name)
+    controller.vm = vm  # (the VM is this process's: closing the server leaves it alone)
+    server = ApiServer(path, controller)
+    server.start()
+    return server
 
 
 def _report(vm: VM, result: VmExit, args: argparse.Namespace) -> int:

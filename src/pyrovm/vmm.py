@@ -29,7 +29,7 @@ from .machine import Machine
 from .memory import GuestMemory
 from .netback.vsock import VsockHost
 from .result import ExitCode, ExitReason, VmExit
-from .snapshot import SnapshotInfo, load_state
+from .snapshot import SnapshotInfo, SnapshotState, load_state
 from .vcpu import KICK_SIGNAL, install_kick_handler
 
 __all__ = [
@@ -226,9 +226,26 @@ class VM:
         return info
 
     @classmethod
+    def restored(
+        cls,
+        state_path: str | os.PathLike[str] | SnapshotState,
+        mem_path: str | os.PathLike[str],
+        *,
+        console: BinaryIO | None = None,
+        options: RestoreOptions | None = None,
+    ) -> VM:
+        """A VM built from a snapshot, not started: :meth:`start` continues it where the snapshot was
+        taken.  See :meth:`restore`; *state_path* may also be a state already read
+        (:func:`pyrovm.snapshot.load_state`)."""
+        state = state_path if isinstance(state_path, SnapshotState) else load_state(state_path)
+        vm = cls.__new__(cls)
+        vm.machine = restore(state, mem_path, options, console=console)
+        return vm
+
+    @classmethod
     def restore(
         cls,
-        state_path: str | os.PathLike[str],
+        state_path: str | os.PathLike[str] | SnapshotState,
         mem_path: str | os.PathLike[str],
         *,
         console: str | BinaryIO | None = None,
@@ -237,15 +254,16 @@ class VM:
     ) -> VM:
         """A VM from a snapshot, started and paused where the snapshot was taken (running with *resume*).
         Its memory is mapped copy-on-write from *mem_path* (never written), so many VMs restored from one
-        snapshot share its pages.  *options*: a :class:`pyrovm.builder.RestoreOptions` (new taps, vsock
-        socket, disk images, VM name, dirty-page tracking, ``clock_realtime``).  Bad input raises
-        :class:`pyrovm.errors.SnapshotError` (a ConfigError)."""
+        snapshot share its pages.  *console*: as for :class:`VM`; *options*: a
+        :class:`pyrovm.builder.RestoreOptions` (new taps, vsock socket, disk images, VM name, dirty-page
+        tracking, ``clock_realtime``).  Bad input raises :class:`pyrovm.errors.SnapshotError` (a
+        ConfigError); nothing is left half-built."""
         opts = options or RestoreOptions()
         if isinstance(console, str):
             opts = dataclasses.replace(opts, console=console)
-        state = load_state(state_path)
-        vm = cls.__new__(cls)
-        vm.machine = restore(state, mem_path, opts, console=None if isinstance(console, str) else console)
+        vm = cls.restored(
+            state_path, mem_path, console=None if isinstance(console, str) else console, options=opts
+        )
         try:
             vm.machine.start(paused=not resume)
         except BaseException:

@@ -19,6 +19,7 @@ from typing import Any
 from pyrovm import __version__
 from pyrovm.errors import PyrovmError
 
+from . import snapshots
 from .resources import ApiError, Resources, check_id, fields, rate_limiter
 
 log = logging.getLogger("pyrovm.api")
@@ -54,7 +55,7 @@ class Controller:
         self.id = instance_id
         self.resources = Resources()
         self.vm: Any = None  # pyrovm.vmm.VM once started
-        self._console = console
+        self.console = console  # a binary stream the guest console goes to
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self.on_exit: Callable[[Any], None] | None = None  # called with the VmExit when the guest ends
@@ -96,11 +97,11 @@ class Controller:
             ("PUT", "/logger"): self._put_logger,
             ("PUT", "/actions"): self._actions,
             ("PATCH", "/vm"): self._patch_vm,
+            ("PUT", "/snapshot/create"): lambda b: snapshots.create(self, b),
+            ("PUT", "/snapshot/load"): lambda b: snapshots.load(self, b),
         }.get((method, path))
         if route is not None:
             return route(body)
-        if path in ("/snapshot/create", "/snapshot/load") and method == "PUT":
-            raise ApiError("Snapshots are not supported by pyrovm yet.")
         if path in NOT_YET and method in ("GET", "PUT", "PATCH"):
             raise ApiError(f"{NOT_YET[path]} is not supported by pyrovm yet.")
         raise ApiError(f"Invalid request method and/or path: {method} {path}.")
@@ -258,11 +259,15 @@ class Controller:
 
         config = self.resources.to_config(self.id)
         try:
-            vm = VM.from_config(config, console=self._console)
+            vm = VM.from_config(config, console=self.console)
         except PyrovmError as e:
             raise ApiError(f"Failed to start microVM: {e}") from None
-        self.vm = vm
         vm.start()
+        self.adopt(vm)
+
+    def adopt(self, vm: Any) -> None:
+        """*vm* (started) is this server's VM from now on: metrics and the exit callback follow it."""
+        self.vm = vm
         threading.Thread(target=self._periodic_metrics, name="pyrovm-api-metrics", daemon=True).start()
         if self.on_exit is not None:
             callback = self.on_exit

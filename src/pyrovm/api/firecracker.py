@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from pyrovm import __version__
@@ -138,7 +138,13 @@ def _forward_stdin(controller: Controller) -> None:
             vm.send_input(data)
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "pyrovm-firecracker") -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    prog: str = "pyrovm-firecracker",
+    on_ready: Callable[[Controller], None] | None = None,
+) -> int:
+    """The server; *on_ready*: called with the controller once the API socket listens (``pyrovm
+    snapshot restore --api-sock`` loads its snapshot there)."""
     args = build_parser(prog).parse_args(argv)
     if args.no_api and not args.config_file:
         print(f"{prog}: error: --no-api needs --config-file", file=sys.stderr)
@@ -184,6 +190,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "pyrovm-firecracker") ->
             server.start()
         if args.config_file:
             apply_config_file(controller, args.config_file)
+        if on_ready is not None:
+            on_ready(controller)
         threading.Thread(target=_forward_stdin, args=(controller,), daemon=True).start()
         while not done.wait(0.5):
             pass
