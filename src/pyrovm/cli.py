@@ -354,6 +354,11 @@ def _setup_logging(verbose: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in args_list if not a.startswith("-")), None)
+    if command == "serve" and args_list[0] == "serve":
+        # pyrovm-firecracker's flags, all of them (argparse's REMAINDER would take options as its own)
+        from .api.firecracker import main as fc_main
+
+        return fc_main(args_list[1:], prog="pyrovm serve")
     # the kernel/initramfs/disk modules cost ~25 ms of imports that `pyrovm run` does not need
     parser = build_parser(with_tools=command not in ("run", "guest", "doctor"))
     args = parser.parse_args(args_list)

@@ -7,7 +7,8 @@
  *       once the host has shut its side down, so the host sees when everything arrived).  With
  *       connect=P it first connects to the host (CID 2) port P, sends TEXT and closes; it prints
  *       "vsock: connected to host port P" or "vsock: host port P refused".  Prints
- *       "vsock: ready cid C port N" once it listens; runs until the VM is stopped.
+ *       "vsock: ready cid C port N" once it listens; runs until the VM is stopped.  On the event
+ *       TRANSPORT_RESET (a restored snapshot) it drops every connection and prints "vsock: transport reset".
  *   test=vsockbench   the same (the host picks echo, source or sink by port)
  *
  * Credit: the driver advertises buf_alloc = 64 KiB per connection and counts as forwarded (fwd_cnt)
@@ -80,6 +81,35 @@ static void rx_post(uint16_t i)
 {
 	vq_set_desc(&v.rx, i, rxb(i), HDR + PAYLOAD, VRING_DESC_F_WRITE, 0);
 	vq_submit(&v.rx, i);
+}
+
+/* The event queue: four 4-byte buffers; the only event is TRANSPORT_RESET (id 0), sent when the VM was
+ * restored from a snapshot: every connection is gone (the host side is a new process). */
+#define NEV 4
+#define EVENT_TRANSPORT_RESET 0
+static uint32_t ev_buf[NEV];
+
+static void ev_post(uint16_t i)
+{
+	vq_set_desc(&v.ev, i, &ev_buf[i], sizeof(ev_buf[i]), VRING_DESC_F_WRITE, 0);
+	vq_submit(&v.ev, i);
+}
+
+static void ev_poll(void)
+{
+	uint32_t id, len;
+	bool got = false;
+	while (vq_poll(&v.ev, &id, &len)) {
+		if (id < NEV && len >= 4 && ev_buf[id] == EVENT_TRANSPORT_RESET) {
+			for (int i = 0; i < NCONN; i++)
+				v.c[i].used = false;
+			put_str("vsock: transport reset\n");
+		}
+		ev_post((uint16_t)(id < NEV ? id : 0));
+		got = true;
+	}
+	if (got)
+		vq_kick(&v.d, &v.ev);
 }
 
 static void tx_reclaim(void)
@@ -283,6 +313,7 @@ static void vsock_poll(void)
 	if (got)
 		vq_kick(&v.d, &v.rx);
 	tx_reclaim();
+	ev_poll();
 }
 
 static int vsock_setup(void)
@@ -298,6 +329,9 @@ static int vsock_setup(void)
 	for (uint16_t i = 0; i < NBUF && i < v.rx.qsize; i++)
 		rx_post(i);
 	vq_kick(&v.d, &v.rx);
+	for (uint16_t i = 0; i < NEV && i < v.ev.qsize; i++)
+		ev_post(i);
+	vq_kick(&v.d, &v.ev);
 	for (uint16_t i = 0; i < NBUF && i < v.tx.qsize; i++)
 		v.tx_free[v.tx_nfree++] = i;
 	return 0;
