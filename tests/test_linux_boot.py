@@ -139,3 +139,38 @@ def test_one_cpu_128m_init_dies_panics_cli_boot_timer(kernel: Path, tmp_path: Pa
     assert m, proc.stderr
     assert 0 < float(m.group(1)) < BOOT_TIMEOUT
     assert "panic:" in proc.stderr
+
+
+def test_snapshot_mid_boot_restored_in_another_process_boots_on(
+    kernel: Path, initramfs: Path, tmp_path: Path
+) -> None:
+    """2 vCPUs, 256 MiB: saved part-way through the boot (after ``Unpacking initramfs``), the original
+    stopped there; ``pyrovm snapshot restore`` in a new process goes on to init and its panic (on a real
+    KVM host: init runs and powers off), as an uninterrupted boot does."""
+    vm = VM(kernel, memory="256M", cpus=2, initrd=initramfs)
+    try:
+        vm.start()
+        assert vm.console.wait_for("Unpacking initramfs", timeout=BOOT_TIMEOUT), _tail(vm.console.text)
+        vm.pause()
+        vm.snapshot(tmp_path / "boot.state", tmp_path / "boot.mem")
+        before = vm.console.text
+    finally:
+        vm.close()
+    assert "Run /init" not in before
+    console = tmp_path / "console.txt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pyrovm.cli", "snapshot", "restore", str(tmp_path / "boot.state"),
+         "--mem", str(tmp_path / "boot.mem"), "--resume", "--console", f"file:{console}",
+         "--timeout", str(BOOT_TIMEOUT)],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"}, timeout=BOOT_TIMEOUT + 60,
+    )  # fmt: skip
+    after = console.read_text(errors="replace")
+    assert "Linux version" not in after, _tail(after)  # it continued; it did not boot again
+    assert "Run /init as init process" in after, proc.stderr + _tail(after)
+    assert "Brought up 1 node, 2 CPUs" in before + after
+    if is_pvm_host():
+        assert proc.returncode == 6, f"status {proc.returncode}\n{proc.stderr}" + _tail(after)
+        assert "Kernel panic - not syncing" in after, _tail(after)
+    else:
+        assert proc.returncode == 0, f"status {proc.returncode}\n{proc.stderr}" + _tail(after)
