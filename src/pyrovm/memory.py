@@ -42,6 +42,8 @@ class MemoryRegion:
     mm: mmap.mmap = field(repr=False)
     view: memoryview = field(repr=False)
     host_addr: int
+    #: anonymous memory (not a file's): pages never touched are zero and not present
+    anonymous: bool = True
 
     @property
     def end(self) -> int:
@@ -106,7 +108,7 @@ class GuestMemory:
             mm = _map(size, fd, offset, private)
             offset += size
             host_addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
-            regions.append(MemoryRegion(guest_addr, size, mm, memoryview(mm), host_addr))
+            regions.append(MemoryRegion(guest_addr, size, mm, memoryview(mm), host_addr, fd is None))
         if not regions:
             raise GuestMemoryError("guest memory needs at least one region")
         self._regions = regions

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 from collections.abc import Iterable, Iterator
 
 from ..errors import SnapshotError
-from ..memory import GuestMemory
+from ..memory import GuestMemory, MemoryRegion
 
 PAGE = mmap.PAGESIZE
 _CHUNK = 1 << 20
@@ -22,11 +23,40 @@ _ZERO_CHUNK = bytes(_CHUNK)
 _ZERO_PAGE = bytes(PAGE)
 
 
-def _nonzero_runs(mm: mmap.mmap, size: int) -> Iterator[tuple[int, int]]:
-    """``(offset, length)`` of the runs of pages of *mm* that are not all zeroes (1 MiB at a time, page by
-    page only inside a chunk that is not all zero)."""
+_PRESENT = bytes(0x01 if b & 0xC0 else 0 for b in range(256))  # top byte: bit 63 present, 62 swapped
+_RUN = re.compile(b"\x01+")
+
+
+def _touched_runs(region: MemoryRegion) -> list[tuple[int, int]]:
+    """``(offset, length)`` of the parts of an anonymous region the process ever touched (present or
+    swapped, from ``/proc/self/pagemap``): the rest is zero and need not be read.  The whole region when
+    the pagemap cannot be read or the region is a file's."""
+    whole = [(0, region.size)]
+    if not region.anonymous:
+        return whole
+    pages = region.size // PAGE
+    try:
+        with open("/proc/self/pagemap", "rb", buffering=0) as f:
+            f.seek(region.host_addr // PAGE * 8)
+            entries = f.read(pages * 8)
+    except OSError:
+        return whole
+    if len(entries) != pages * 8:
+        return whole
+    flags = entries[7::8].translate(_PRESENT)
+    return [(m.start() * PAGE, (m.end() - m.start()) * PAGE) for m in _RUN.finditer(flags)]
+
+
+def _nonzero_runs(region: MemoryRegion) -> Iterator[tuple[int, int]]:
+    """``(offset, length)`` of the runs of pages of *region* that are not all zeroes (pages never touched
+    skipped at once; then 1 MiB at a time, page by page only inside a chunk that is not all zero)."""
+    for first, length in _touched_runs(region):
+        yield from _nonzero_in(region.mm, first, first + length)
+
+
+def _nonzero_in(mm: mmap.mmap, begin: int, size: int) -> Iterator[tuple[int, int]]:
     start: int | None = None
-    for off in range(0, size, _CHUNK):
+    for off in range(begin, size, _CHUNK):
         end = min(off + _CHUNK, size)
         if mm[off:end] == _ZERO_CHUNK[: end - off]:
             if start is not None:
@@ -84,7 +114,7 @@ def write_full(memory: GuestMemory, path: str | os.PathLike[str]) -> int:
     try:
         base = 0
         for region in memory:
-            for off, length in _nonzero_runs(region.mm, region.size):
+            for off, length in _nonzero_runs(region):
                 _pwrite_all(fd, region.view[off : off + length], base + off)
                 written += length
             base += region.size
