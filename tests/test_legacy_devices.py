@@ -119,7 +119,31 @@ def test_i8042_reset_and_probe() -> None:
     assert resets == []
     kbd.write(4, b"\xfe")
     assert resets == [1]
-    assert kbd.stats.resets == 1 and kbd.metrics() == {"resets": 1}
+    assert kbd.stats.resets == 1 and kbd.metrics() == {"resets": 1, "keys_sent": 0}
+
+
+def test_i8042_ctrl_alt_del_raises_an_edge_per_byte() -> None:
+    levels: list[bool] = []
+    kbd = I8042(on_reset=lambda: None, irq=levels.append)
+    kbd.ctrl_alt_del()
+    got = []
+    while kbd.read(4, 1)[0] & 1:  # OBF: a byte waits
+        got.append(kbd.read(0, 1)[0])
+    assert bytes(got) == bytes([0x14, 0x11, 0xE0, 0x71, 0xE0, 0xF0, 0x71, 0xF0, 0x11, 0xF0, 0x14])  # set 2
+    assert levels.count(True) == len(got) and levels[-1] is False  # one rising edge per byte, then low
+    kbd.write(4, b"\x60")  # the guest turns translation on: set 1
+    kbd.write(0, bytes([0x45]))
+    kbd.ctrl_alt_del()
+    got = []
+    while kbd.read(4, 1)[0] & 1:
+        got.append(kbd.read(0, 1)[0])
+    assert bytes(got) == bytes([0x1D, 0x38, 0xE0, 0x53, 0xE0, 0xD3, 0xB8, 0x9D])
+    assert kbd.metrics()["keys_sent"] == 6
+    kbd.write(4, b"\x60")  # keyboard interrupt off: bytes wait, no interrupt
+    kbd.write(0, bytes([0x44]))
+    before = len(levels)
+    kbd.ctrl_alt_del()
+    assert levels[before:] == [] and kbd.read(4, 1)[0] & 1
 
 
 def test_debug_exit() -> None:

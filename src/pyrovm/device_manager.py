@@ -127,7 +127,9 @@ class DeviceManager:
             out=hooks.console_out, irq=lambda level: wiring.irq_line(layout.UART_COM1_IRQ, level)
         )
         self.pio_bus.register(layout.UART_COM1_PORT, 8, self.serial, "uart0")
-        self.i8042 = I8042(on_reset=hooks.on_reset)
+        self.i8042 = I8042(
+            on_reset=hooks.on_reset, irq=lambda level: wiring.irq_line(layout.I8042_KBD_IRQ, level)
+        )
         self.pio_bus.register(layout.I8042_PORT, 5, self.i8042, "i8042")
         self.debug_exit = DebugExit(hooks.on_exit_port)
         self.pio_bus.register(layout.EXIT_PORT, 4, self.debug_exit, "exit-port")

@@ -245,7 +245,7 @@ class Controller:
         elif action == "SendCtrlAltDel":
             if self.vm is None:
                 raise ApiError(BEFORE)
-            raise ApiError("SendCtrlAltDel is not supported by pyrovm yet.")
+            self.vm.machine.devices.i8042.ctrl_alt_del()
         else:
             raise ApiError(
                 "An error occurred when deserializing the json body of a request: "

@@ -1,7 +1,11 @@
-"""A minimal i8042 keyboard controller: enough for Linux to probe it, and its reset line.
+"""A minimal i8042 keyboard controller: enough for Linux to probe it and its AT keyboard, its reset line,
+and keys typed by the host.
 
 Command 0xFE on port 0x64 (pulse the reset line), or writing an output port value with bit 0 clear
 (command 0xD1), asks the VMM to reset the machine: pyrovm ends the VM cleanly (``reboot=k``).
+:meth:`I8042.ctrl_alt_del` types Ctrl-Alt-Del on the keyboard (Firecracker's ``SendCtrlAltDel``): scan
+code set 2, or set 1 when the guest turned translation on; every byte waiting on port 0x60 raises IRQ 1
+(an edge per byte, as the guest's handler reads one byte per interrupt).
 State: :class:`I8042State` (:meth:`I8042.save_state` / :meth:`I8042.restore_state`); the reset count is
 in :attr:`I8042.stats`.
 """
@@ -23,6 +27,12 @@ ST_SYS = 0x04
 ST_CMD = 0x08
 CTR_KBD_INT = 0x01
 CTR_SYS = 0x04
+CTR_XLATE = 0x40
+
+#: Ctrl, Alt and Delete pressed, then released: scan code set 2 (what the keyboard sends) and set 1 (what
+#: the controller passes on when translating).
+CTRL_ALT_DEL_SET2 = bytes([0x14, 0x11, 0xE0, 0x71, 0xE0, 0xF0, 0x71, 0xF0, 0x11, 0xF0, 0x14])
+CTRL_ALT_DEL_SET1 = bytes([0x1D, 0x38, 0xE0, 0x53, 0xE0, 0xD3, 0xB8, 0x9D])
 
 
 @dataclass
@@ -41,6 +51,7 @@ class I8042Metrics:
     """How many times the guest asked for a reset."""
 
     resets: int = 0
+    keys_sent: int = 0
 
 
 class I8042:
@@ -64,8 +75,17 @@ class I8042:
             self.state = copy.deepcopy(state)
             self._irq(state.irq_level)
 
+    def ctrl_alt_del(self) -> None:
+        """Type Ctrl-Alt-Del on the keyboard (the guest's keyboard driver decides what it does: Linux
+        reboots)."""
+        with self._lock:
+            codes = CTRL_ALT_DEL_SET1 if self.state.ctr & CTR_XLATE else CTRL_ALT_DEL_SET2
+            self.state.output += list(codes)
+            self.stats.keys_sent += 3
+            self._update_irq()
+
     def metrics(self) -> dict[str, int]:
-        """``resets``."""
+        """``resets`` and ``keys_sent``."""
         return asdict(self.stats)
 
     def read(self, offset: int, size: int) -> bytes:
@@ -75,6 +95,9 @@ class I8042:
                 value = st.status | (ST_OBF if st.output else 0)
             elif offset == DATA:
                 value = st.output.pop(0) if st.output else 0
+                if st.output and st.irq_level:  # the next byte: a new edge
+                    self._irq(False)
+                    self._irq(True)
                 self._update_irq()
             else:
                 value = 0xFF

@@ -47,6 +47,7 @@ UART_COM1_PORT = 0x3F8
 UART_COM1_IRQ = 4
 I8042_PORT = 0x60  # data 0x60, command/status 0x64
 I8042_COMMAND_PORT = 0x64
+I8042_KBD_IRQ = 1
 RTC_PORT = 0x70
 EXIT_PORT = 0xF4  # QEMU isa-debug-exit compatible
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from ... import kvm as k
+from ...errors import SnapshotError
 from ...kvm import constants as c
 from ...kvm import structs as s
 from . import msrs as m
@@ -50,7 +51,7 @@ SAVED_MSRS = (
 )
 
 
-class StateSizeError(ValueError):
+class StateSizeError(SnapshotError):
     """A saved structure does not have the size of the kernel's."""
 
 
