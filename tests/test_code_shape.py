@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "pyrovm"
 MAX_FUNCTION_LINES = 80
 MAX_CLASS_LINES = 300
 #: qualified names (module path:function) of argparse tables
-ARGPARSE_TABLES: set[str] = {"cli.py:_add_run_parser"}
+ARGPARSE_TABLES: set[str] = {"cli.py:_add_run_arguments"}
 
 
 def _too_long() -> list[str]:

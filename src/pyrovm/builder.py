@@ -29,6 +29,7 @@ from .config import VmConfig
 from .console import ConsoleLog
 from .device_manager import DeviceManager
 from .errors import ConfigError, SnapshotError
+from .kvm.stats import KVM_CAP_BINARY_STATS_FD, StatsError, StatsReader, open_stats_fd
 from .loader import check_cmdline, load_kernel
 from .loader.cmdline import Cmdline
 from .machine import Machine, MachineEvents, MachineParts
@@ -65,6 +66,7 @@ def build(config: VmConfig, *, console: BinaryIO | None = None) -> Machine:
         kvm, kvm_vm = _create_vm(config, memory, stack)
         devices = _create_devices(config, kvm_vm, memory, events, stack)
         vcpus = _create_vcpus(kvm, kvm_vm, config.cpus, vendor)
+        stats = _open_stats(kvm, kvm_vm, stack)
         cmdline.add(*devices.cmdline_words())
         if config.rootfs is not None and not cmdline.has("root"):
             cmdline.add("root=/dev/vda", "ro" if config.rootfs.read_only else "rw")
@@ -77,6 +79,7 @@ def build(config: VmConfig, *, console: BinaryIO | None = None) -> Machine:
         parts = MachineParts(
             config, kvm, kvm_vm, memory, devices, vcpus, setup, events.watcher.log, events, stack, workarounds
         )
+        parts.kvm_stats = stats
         return Machine(parts)
     except BaseException:
         stack.close()
@@ -174,6 +177,7 @@ def restore(
         for vcpu, saved in zip(vcpus, state.vcpus, strict=True):
             _restore_vcpu(vcpu, saved)
         devices.restore_state(saved_devices)
+        stats = _open_stats(kvm, kvm_vm, stack)
         parts = MachineParts(
             config,
             kvm,
@@ -187,6 +191,7 @@ def restore(
             stack,
             state.host_workarounds_applied,
             restored=True,
+            kvm_stats=stats,
         )
         return Machine(parts)
     except BaseException:
@@ -307,6 +312,22 @@ def _create_devices(
     if config.vsock is not None:
         devices.add_vsock(config.vsock, config.name)
     return devices
+
+
+def _open_stats(kvm: k.Kvm, kvm_vm: k.Vm, stack: contextlib.ExitStack) -> list[StatsReader]:
+    """KVM's binary statistics of the VM and each vCPU (kept open: ``pyrovm stat`` finds them in
+    /proc/PID/fd, ``--metrics`` reads them); none on a kernel without them."""
+    if kvm.check_extension(KVM_CAP_BINARY_STATS_FD) <= 0:
+        return []
+    readers: list[StatsReader] = []
+    try:
+        for fd in [kvm_vm.fd, *(v.fd for v in kvm_vm.vcpus)]:
+            readers.append(StatsReader(open_stats_fd(fd)))
+    except (k.KvmError, StatsError) as exc:
+        log.info("KVM statistics unavailable: %s", exc)
+    for reader in readers:
+        stack.callback(reader.close)
+    return readers
 
 
 def _create_vcpus(kvm: k.Kvm, kvm_vm: k.Vm, cpus: int, vendor: str | None) -> list[k.Vcpu]:

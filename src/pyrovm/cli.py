@@ -86,13 +86,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     signals = SignalWorker(args.metrics)
     signals.install()  # first: a signal during start-up must not kill the VMM
+    trace = None
     try:
+        if getattr(args, "trace", None):
+            from .trace.session import TraceSession
+
+            try:
+                trace = TraceSession.start(args.trace, args.trace_format, args.trace_exits, args.trace_kernel)
+            except OSError as exc:
+                return _fail(f"trace output {args.trace}: {exc.strerror}")
         try:
             vm = VM.from_config(_run_config(args))
         except KvmError as exc:
             return _fail(f"KVM refused to build the VM: {exc}")
         except PyrovmError as exc:
             return _fail(str(exc))
+        if trace is not None:
+            trace.attach(vm)
         signals.attach(vm)
         if vm.config.vsock is not None:
             print(
@@ -100,6 +110,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             )
         return run_vm(vm, args, signals, _START)
     finally:
+        if trace is not None:
+            trace.finish()
         signals.ignore()  # to the very end: the interpreter's exit would put the default actions back
 
 
@@ -136,7 +148,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``pyrovm run``: its options (an argparse table)."""
+    """``pyrovm run`` and ``pyrovm trace`` (run's options plus the trace's)."""
     run = sub.add_parser(
         "run",
         help="boot a kernel in a new VM",
@@ -145,6 +157,45 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         epilog=EPILOG_RUN,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_run_arguments(run)
+    run.add_argument(
+        "--trace",
+        default=None,
+        metavar="FILE",
+        help="record every KVM call and the kernel's KVM events into FILE ('-': stdout), as 'pyrovm trace'",
+    )
+    run.add_argument(
+        "--trace-format", choices=("text", "jsonl", "chrome"), default="text", help="(default text)"
+    )
+    run.add_argument(
+        "--trace-exits", type=int, default=50, metavar="N", help="exits listed one by one (default 50)"
+    )
+    run.set_defaults(func=_cmd_run, trace_kernel=True)
+    trace = sub.add_parser(
+        "trace",
+        help="run a VM and show how it is made: every KVM call, what the kernel does",
+        description="Run a VM as 'pyrovm run' does (same options) and show each KVM call pyrovm makes "
+        "(its arguments decoded, its result and duration, the kernel functions behind it, checked against "
+        "this kernel's /proc/kallsyms), the KVM_RUN exits (the first N one by one, then counted), and, as "
+        "root, the kernel's own KVM trace events for this VM's threads, merged into one timeline, with "
+        "KVM's statistics at the end. Without root the kernel side is left out and the reason said.",
+        epilog=EPILOG_RUN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_run_arguments(trace)
+    trace.add_argument("--format", dest="trace_format", choices=("text", "jsonl", "chrome"), default="text",
+                       help="text: a narrated timeline; jsonl: a JSON object a line; chrome: Trace Event "
+                       "JSON for Perfetto / chrome://tracing (default text)")  # fmt: skip
+    trace.add_argument("--output", "-o", dest="trace", default="-", metavar="FILE", help="(default: stdout)")
+    trace.add_argument("--exits", dest="trace_exits", type=int, default=50, metavar="N",
+                       help="KVM_RUN exits listed one by one before only counting (default 50)")  # fmt: skip
+    trace.add_argument("--no-kernel", dest="trace_kernel", action="store_false",
+                       help="do not record the kernel's trace events (tracefs)")  # fmt: skip
+    trace.set_defaults(func=_cmd_run)
+
+
+def _add_run_arguments(run: argparse.ArgumentParser) -> None:
+    """The options of ``pyrovm run`` (an argparse table)."""
     run.add_argument("--kernel", required=True, metavar="PATH", help="kernel image to boot")
     run.add_argument(
         "--memory",
@@ -277,7 +328,6 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     run.add_argument(
         "--verbose", "-v", action="store_true", help="report how the VM ended on stderr, and log more"
     )
-    run.set_defaults(func=_cmd_run)
 
 
 def build_parser(with_tools: bool = True) -> argparse.ArgumentParser:
@@ -295,8 +345,10 @@ def build_parser(with_tools: bool = True) -> argparse.ArgumentParser:
 
     _add_run_parser(sub)
     from .snapshot.cli import register as register_snapshot
+    from .stat_cli import register as register_stat
 
     register_snapshot(sub)
+    register_stat(sub)
 
     guest = sub.add_parser(
         "guest",
@@ -360,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return fc_main(args_list[1:], prog="pyrovm serve")
     # the kernel/initramfs/disk modules cost ~25 ms of imports that `pyrovm run` does not need
-    parser = build_parser(with_tools=command not in ("run", "guest", "doctor"))
+    parser = build_parser(with_tools=command not in ("run", "guest", "doctor", "trace", "snapshot", "stat"))
     args = parser.parse_args(args_list)
     verbose = bool(getattr(args, "verbose", False))
     _setup_logging(verbose)

@@ -82,6 +82,7 @@ class MachineParts:
     resources: contextlib.ExitStack
     host_workarounds_applied: bool = False
     restored: bool = False
+    kvm_stats: list[Any] = dataclasses.field(default_factory=list)  # pyrovm.kvm.stats.StatsReader
 
 
 class Machine:
@@ -99,6 +100,8 @@ class Machine:
         self.host_workarounds_applied = parts.host_workarounds_applied
         #: True when built from a snapshot (:func:`pyrovm.builder.restore`)
         self.restored = parts.restored
+        #: KVM's binary statistics of the VM and its vCPUs (``StatsReader``; empty on old kernels)
+        self.kvm_stats = parts.kvm_stats
         #: True once the guest memory has a base file a diff snapshot can apply to (a snapshot was taken,
         #: or the machine was restored from one)
         self.has_snapshot_base = parts.restored
@@ -275,4 +278,15 @@ class Machine:
             "vcpu_exits": self.exit_counts(),
             "devices": self.devices.metrics(),
             **self.devices.platform_metrics(),
+            **self._kvm_stats(),
         }
+
+    def _kvm_stats(self) -> dict[str, object]:
+        if not self.kvm_stats or self.closed:
+            return {}
+        from .kvm.stats import StatsError, stats_snapshot
+
+        try:
+            return {"kvm_stats": stats_snapshot(self.kvm_stats)}
+        except (OSError, StatsError):
+            return {}

@@ -8,7 +8,9 @@ import fcntl
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from pyrovm.errors import HostError, PyrovmError
 
@@ -56,7 +58,7 @@ def _ioctl_ulong(fd: int, request: int, arg: int, what: str) -> int:
             raise KvmError(err, f"{what}: {os.strerror(err)}")
 
 
-def _ioctl(fd: int, request: int, arg: object = 0, what: str = "") -> int:
+def _ioctl_plain(fd: int, request: int, arg: object = 0, what: str = "") -> int:
     """``ioctl(2)`` on a KVM fd; a call a signal interrupted (EINTR, e.g. ``KVM_CREATE_VM`` while the
     process gets SIGUSR1) is made again; any other failure is a :class:`KvmError`.  (``KVM_RUN`` has its
     own path: there EINTR is the kick.)"""
@@ -69,6 +71,30 @@ def _ioctl(fd: int, request: int, arg: object = 0, what: str = "") -> int:
             continue
         except OSError as exc:
             raise KvmError(exc.errno, f"{what or hex(request)}: {os.strerror(exc.errno or 0)}") from exc
+
+
+class IoctlTracer(Protocol):
+    """What :func:`set_tracer` takes (``pyrovm.trace.Recorder``): it sees every KVM call pyrovm makes."""
+
+    def wrap_ioctl(self, ioctl: Callable[[int, int, object, str], int]) -> Callable[..., int]: ...
+
+    def opened(self, fd: int, path: str) -> None: ...
+
+    def vcpu_created(self, vcpu: Vcpu) -> None: ...
+
+
+#: every ioctl but KVM_RUN goes through this name (a tracer replaces it, see :func:`set_tracer`)
+_ioctl: Callable[..., int] = _ioctl_plain
+_tracer: IoctlTracer | None = None
+
+
+def set_tracer(tracer: IoctlTracer | None) -> None:
+    """Record every KVM call from now on with *tracer* (None: stop).  Costs nothing when off: the
+    ioctls then go straight to the kernel, and only vCPUs created while a tracer is set have their
+    ``KVM_RUN`` wrapped."""
+    global _ioctl, _tracer
+    _tracer = tracer
+    _ioctl = _ioctl_plain if tracer is None else tracer.wrap_ioctl(_ioctl_plain)
 
 
 def is_pvm_host() -> bool:
@@ -97,6 +123,8 @@ class Kvm:
             ) from exc
         except OSError as exc:
             raise KvmUnavailable(f"cannot open {path}: {exc.strerror}") from exc
+        if _tracer is not None:
+            _tracer.opened(self.fd, path)
         try:
             version = _ioctl(self.fd, c.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
         except KvmError as exc:
@@ -265,6 +293,8 @@ class Vm:
         fd = _ioctl(self.fd, c.KVM_CREATE_VCPU, vcpu_id, "KVM_CREATE_VCPU")
         vcpu = Vcpu(self, vcpu_id, fd)
         self.vcpus.append(vcpu)
+        if _tracer is not None:
+            _tracer.vcpu_created(vcpu)
         return vcpu
 
     def close(self) -> None:
