@@ -238,6 +238,17 @@ def _trace_as_nobody(guest: Path, shared: Path) -> None:
     assert not any(r["type"] == "kernel" for r in records)
 
 
+@needs_kvm
+def test_metrics_include_kvm_statistics(guest: Path) -> None:
+    from pyrovm import VM
+
+    with VM(guest, memory="32M", cmdline="test=pio count=500") as vm:
+        vm.wait(30)
+        metrics = vm.metrics()
+    stats = metrics["kvm_stats"]
+    assert isinstance(stats, dict) and stats["vcpu_total"]["exits"] >= 500  # type: ignore[index]
+
+
 def test_parse_trace_lines() -> None:
     text = """# tracer: nop
 #

@@ -46,7 +46,8 @@ class Trace:
         return sorted(items, key=lambda r: r.t)
 
     def thread_names(self) -> dict[int, str]:
-        names = {c.tid: c.thread for c in self.recorder.calls}
+        names = dict(self.recorder.threads)
+        names.update({c.tid: c.thread for c in self.recorder.calls})
         names.update({x.tid: x.thread for x in self.recorder.exits})
         names.setdefault(os.getpid(), "main")
         return names

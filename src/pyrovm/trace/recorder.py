@@ -69,6 +69,9 @@ class Recorder:
         #: exits by (kind, port or address) for port I/O and MMIO
         self.port_counts: Counter[tuple[str, str]] = Counter()
         self.labels: dict[int, str] = {}
+        #: thread native id -> name, of every thread alive at the first exit (the I/O thread's kernel
+        #: events then have a name too)
+        self.threads: dict[int, str] = {}
         self.started = time.monotonic_ns()
         self._lock = threading.Lock()
 
@@ -128,6 +131,8 @@ class Recorder:
             self.calls.append(call)
 
     def _append_exit(self, ex: Exit) -> None:
+        if not self.threads:
+            self.threads = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
         with self._lock:
             if len(self.exits) < self.max_exits:
                 self.exits.append(ex)
