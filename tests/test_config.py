@@ -119,6 +119,8 @@ def _full(tmp_path: Path) -> VmConfig:
         name="vm-7",
         vsock=VsockSpec(9, tmp_path / "v.sock"),
         track_dirty_pages=True,
+        hide_kvm=True,
+        cpu_features=("-avx", "+sse2"),
     )
 
 

@@ -65,7 +65,7 @@ def build(config: VmConfig, *, console: BinaryIO | None = None) -> Machine:
             memory.track_vmm_writes()
         kvm, kvm_vm = _create_vm(config, memory, stack)
         devices = _create_devices(config, kvm_vm, memory, events, stack)
-        vcpus = _create_vcpus(kvm, kvm_vm, config.cpus, vendor)
+        vcpus = _create_vcpus(kvm, kvm_vm, config, vendor)
         stats = _open_stats(kvm, kvm_vm, stack)
         cmdline.add(*devices.cmdline_words())
         if config.rootfs is not None and not cmdline.has("root"):
@@ -330,11 +330,11 @@ def _open_stats(kvm: k.Kvm, kvm_vm: k.Vm, stack: contextlib.ExitStack) -> list[S
     return readers
 
 
-def _create_vcpus(kvm: k.Kvm, kvm_vm: k.Vm, cpus: int, vendor: str | None) -> list[k.Vcpu]:
+def _create_vcpus(kvm: k.Kvm, kvm_vm: k.Vm, config: VmConfig, vendor: str | None) -> list[k.Vcpu]:
     supported = kvm.supported_cpuid()
     vcpus = []
-    for i in range(cpus):
+    for i in range(config.cpus):
         vcpu = kvm_vm.create_vcpu(i)
-        x86boot.setup_vcpu(vcpu, supported, i, cpus, vendor)
+        x86boot.setup_vcpu(vcpu, supported, i, config.cpus, vendor, config.hide_kvm, config.cpu_features)
         vcpus.append(vcpu)
     return vcpus

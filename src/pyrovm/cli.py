@@ -379,6 +379,13 @@ def build_parser(with_tools: bool = True) -> argparse.ArgumentParser:
         "fc_args", nargs=argparse.REMAINDER, help="pyrovm-firecracker's flags (--api-sock PATH...)"
     )
     serve.set_defaults(func=_cmd_serve)
+    qemu = sub.add_parser(
+        "qemu",
+        help="run a qemu-system-x86_64 -enable-kvm command line (pyrovm-qemu-system-x86_64)",
+        description="Take QEMU's options (-M, -m, -smp, -cpu, -kernel, -drive, -device, -netdev, -serial, "
+        "-qmp...) and run the VM with pyrovm; see 'pyrovm qemu -help'.",
+    )
+    qemu.add_argument("qemu_args", nargs=argparse.REMAINDER, help="QEMU's options")
 
     if with_tools:
         from . import disk, initramfs
@@ -406,6 +413,10 @@ def _setup_logging(verbose: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in args_list if not a.startswith("-")), None)
+    if command == "qemu" and args_list[0] == "qemu":  # QEMU's options, all of them, to the QEMU front end
+        from .qemu.cli import main as qemu_main
+
+        return qemu_main(args_list[1:])
     if command == "serve" and args_list[0] == "serve":
         # pyrovm-firecracker's flags, all of them (argparse's REMAINDER would take options as its own)
         from .api.firecracker import main as fc_main

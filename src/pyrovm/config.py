@@ -358,6 +358,8 @@ class VmConfig:
     name: str = "pyrovm"  # the VM's name: default MAC addresses derive from it
     vsock: VsockSpec | None = None
     track_dirty_pages: bool = False  # KVM's dirty log on guest RAM, for diff snapshots
+    hide_kvm: bool = False  # no KVM hypervisor CPUID leaves (QEMU's -cpu ...,kvm=off)
+    cpu_features: tuple[str, ...] = ()  # "+name" (required) / "-name" (hidden), QEMU's names
 
     def __post_init__(self) -> None:
         # accept lists and plain strings where tuples and Paths belong (frozen: through object.__setattr__)
@@ -376,6 +378,7 @@ class VmConfig:
             object.__setattr__(self, "metrics_path", Path(self.metrics_path))
         if self.rng_rate is not None and not self.rng:
             object.__setattr__(self, "rng", True)
+        object.__setattr__(self, "cpu_features", tuple(self.cpu_features))
 
     def replace(self, **changes: Any) -> VmConfig:
         """A copy with *changes*."""
@@ -455,6 +458,11 @@ class VmConfig:
             except (re.error, UnicodeEncodeError) as exc:
                 marker = self.boot_marker
                 raise ConfigError(f"boot marker {marker!r}: not a regular expression ({exc})") from exc
+        from .arch.x86.cpuid import FEATURES
+
+        for feat in self.cpu_features:
+            if not isinstance(feat, str) or feat[:1] not in ("+", "-") or feat[1:] not in FEATURES:
+                raise ConfigError(f"CPU feature {feat!r}: +NAME or -NAME with a name QEMU uses (e.g. -avx)")
 
     def _check_disks(self) -> None:
         seen: dict[tuple[int, int], Path] = {}
@@ -535,6 +543,8 @@ class VmConfig:
             "name": self.name,
             "vsock": None if self.vsock is None else self.vsock.to_json(),
             "track_dirty_pages": self.track_dirty_pages,
+            "hide_kvm": self.hide_kvm,
+            "cpu_features": list(self.cpu_features),
         }
 
     @classmethod
@@ -567,6 +577,7 @@ _JSON_FIELDS: dict[str, tuple[Any, bool]] = {
     "kvm_device": (str, False),
     "name": (str, False),
     "track_dirty_pages": (bool, False),
+    "hide_kvm": (bool, False),
 }
 
 
@@ -579,6 +590,8 @@ def _json_field(name: str, value: Any) -> Any:
         return tuple(NetSpec.from_json(n) for n in _typed(value, list, name))
     if name == "vsock":
         return None if value is None else VsockSpec.from_json(value)
+    if name == "cpu_features":
+        return tuple(_typed(f, str, name) for f in _typed(value, list, name))
     kind, nullable = _JSON_FIELDS[name]
     if value is None and nullable:
         return None

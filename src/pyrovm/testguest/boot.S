@@ -31,7 +31,7 @@
 	.section .text.boot, "ax"
 	.code32
 	.globl pvh_start
-pvh_start:				/* 18 instructions at CPL0, counting the iretq */
+pvh_start:				/* 18 instructions at CPL0 (+8 at to_user), counting the iretq */
 	mov $CR4_PAE, %eax
 	mov %eax, %cr4
 	mov $pml4, %eax
@@ -52,7 +52,7 @@ pvh_start:				/* 18 instructions at CPL0, counting the iretq */
 
 	.code64
 	.globl start64
-start64:				/* 10 instructions at CPL0, counting the iretq */
+start64:				/* 10 instructions at CPL0 (+8 at to_user), counting the iretq */
 	mov $CR4_PAE, %eax		/* also clears SMEP/SMAP a VMM might have set */
 	mov %rax, %cr4
 	mov $pml4, %eax
@@ -62,7 +62,15 @@ start64:				/* 10 instructions at CPL0, counting the iretq */
 	mov $1, %eax
 	cpuid
 	mov $1, %edi			/* boot kind 1 = Linux zero page in RSI */
-to_user:
+to_user:				/* + 8: CPUID 0x40000000 as CPL0 sees it (test=hv), leaf 1's EBX kept */
+	mov %ebx, %r8d
+	mov $0x40000000, %eax
+	cpuid
+	mov %eax, hv_leaf(%rip)
+	mov %ebx, hv_leaf+4(%rip)
+	mov %ecx, hv_leaf+8(%rip)
+	mov %edx, hv_leaf+12(%rip)
+	mov %r8d, %ebx
 	iretq
 
 /* ---- CPL3 entry stubs ---- */

@@ -86,6 +86,33 @@ static int test_count(void)
 	return 0;
 }
 
+/* `test=hv`: what CPUID leaf 0x40000000 (the hypervisor leaf) said at CPL0, read by the boot code before
+ * it dropped to CPL3 (at CPL3 a PVM host's CPU answers CPUID itself): "hypervisor leaf: max 0x40000001
+ * signature KVMKVMKVM" or "hypervisor leaf: none" (QEMU's and pyrovm qemu's -cpu ...,kvm=off). */
+volatile uint32_t hv_leaf[4];
+
+static int test_hv(void)
+{
+	char sig[13];
+	for (int i = 0; i < 4; i++) {
+		sig[i] = (char)(hv_leaf[1] >> (8 * i));
+		sig[4 + i] = (char)(hv_leaf[2] >> (8 * i));
+		sig[8 + i] = (char)(hv_leaf[3] >> (8 * i));
+	}
+	sig[12] = 0;
+	put_str("hypervisor leaf: ");
+	if (hv_leaf[0] < 0x40000000u || hv_leaf[0] > 0x400000ffu || sig[0] == 0) {
+		put_str("none\n");
+		return 0;
+	}
+	put_str("max ");
+	put_hex(hv_leaf[0]);
+	put_str(" signature ");
+	put_str(sig);
+	put_char('\n');
+	return 0;
+}
+
 static int test_triple_fault(void)
 {
 	put_str("triple-fault\n");
@@ -138,6 +165,7 @@ static const struct test tests[] = {
 	{"exit", test_exit},
 	{"spin", test_spin},
 	{"count", test_count},
+	{"hv", test_hv},
 	{"triple-fault", test_triple_fault},
 	{"cpus", test_cpus},
 	{"pio", test_pio},

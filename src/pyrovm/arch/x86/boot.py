@@ -110,10 +110,22 @@ def load_initrd(
 
 
 def setup_vcpu(
-    vcpu: Vcpu, supported: list[kvm_cpuid_entry2], index: int, cpus: int, vendor: str | None
+    vcpu: Vcpu,
+    supported: list[kvm_cpuid_entry2],
+    index: int,
+    cpus: int,
+    vendor: str | None,
+    hide_kvm: bool = False,
+    features: tuple[str, ...] = (),
 ) -> None:
-    """CPUID (APIC id *index* of *cpus*), boot MSRs, FPU and local APIC of one vCPU."""
-    vcpu.set_cpuid2(cpuid.vcpu_cpuid(supported, index, cpus, vendor))
+    """CPUID (APIC id *index* of *cpus*; QEMU's ``kvm=off`` and ``+feat``/``-feat``, see
+    :func:`cpuid.apply_cpu_options`), boot MSRs, FPU and local APIC of one vCPU."""
+    entries = cpuid.vcpu_cpuid(supported, index, cpus, vendor)
+    try:
+        entries = cpuid.apply_cpu_options(entries, hide_kvm, features)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    vcpu.set_cpuid2(entries)
     regs.setup_msrs(vcpu)
     regs.setup_fpu(vcpu)
     regs.setup_lapic(vcpu)

@@ -101,3 +101,52 @@ def vcpu_cpuid(
         e.ebx, e.ecx, e.edx = struct.unpack("<III", KVM_SIGNATURE)
         out.append(e)
     return out
+
+
+#: QEMU's names of CPU features: (leaf, subleaf, register, bit)
+FEATURES: dict[str, tuple[int, int, str, int]] = {
+    **{n: (1, 0, "ecx", b) for n, b in (
+        ("pni", 0), ("sse3", 0), ("pclmulqdq", 1), ("ssse3", 9), ("fma", 12), ("cx16", 13), ("pcid", 17),
+        ("sse4.1", 19), ("sse4_1", 19), ("sse4.2", 20), ("sse4_2", 20), ("x2apic", 21), ("movbe", 22),
+        ("popcnt", 23), ("tsc-deadline", 24), ("aes", 25), ("xsave", 26), ("avx", 28), ("f16c", 29),
+        ("rdrand", 30), ("hypervisor", 31))},
+    **{n: (1, 0, "edx", b) for n, b in (
+        ("fpu", 0), ("vme", 1), ("de", 2), ("pse", 3), ("tsc", 4), ("msr", 5), ("pae", 6), ("mce", 7),
+        ("cx8", 8), ("apic", 9), ("sep", 11), ("mtrr", 12), ("pge", 13), ("mca", 14), ("cmov", 15),
+        ("pat", 16), ("pse36", 17), ("clflush", 19), ("mmx", 23), ("fxsr", 24), ("sse", 25), ("sse2", 26),
+        ("ht", 28))},
+    **{n: (7, 0, "ebx", b) for n, b in (
+        ("fsgsbase", 0), ("bmi1", 3), ("hle", 4), ("avx2", 5), ("smep", 7), ("bmi2", 8), ("erms", 9),
+        ("invpcid", 10), ("rtm", 11), ("avx512f", 16), ("rdseed", 18), ("adx", 19), ("smap", 20),
+        ("clflushopt", 23), ("clwb", 24), ("sha-ni", 29))},
+    **{n: (7, 0, "ecx", b) for n, b in (("umip", 2), ("pku", 3), ("rdpid", 22))},
+    "fsrm": (7, 0, "edx", 4),
+    **{n: (0x80000001, 0, "ecx", b) for n, b in (
+        ("lahf_lm", 0), ("lahf-lm", 0), ("svm", 2), ("abm", 5), ("lzcnt", 5), ("sse4a", 6),
+        ("misalignsse", 7), ("3dnowprefetch", 8), ("xop", 11), ("fma4", 16), ("tbm", 21), ("topoext", 22))},
+    **{n: (0x80000001, 0, "edx", b) for n, b in (
+        ("syscall", 11), ("nx", 20), ("mmxext", 22), ("pdpe1gb", 26), ("rdtscp", 27), ("lm", 29))},
+    **{n: (0xD, 1, "eax", b) for n, b in (("xsaveopt", 0), ("xsavec", 1), ("xgetbv1", 2), ("xsaves", 3))},
+}  # fmt: skip
+
+
+def apply_cpu_options(
+    entries: list[kvm_cpuid_entry2], hide_kvm: bool = False, features: tuple[str, ...] = ()
+) -> list[kvm_cpuid_entry2]:
+    """*entries* with QEMU's ``-cpu`` options applied: *hide_kvm* (``kvm=off``) drops the hypervisor leaves
+    0x40000000-0x400000FF (no KVM signature, no paravirtual features); each of *features* is ``+name``
+    (the guest must have it: ValueError when this host's KVM cannot give it) or ``-name`` (hidden)."""
+    out = [e for e in entries if not (hide_kvm and 0x40000000 <= e.function <= 0x400000FF)]
+    for item in features:
+        name = item[1:]
+        if name not in FEATURES:
+            raise ValueError(f"unknown CPU feature {name!r}")
+        leaf, sub, reg, bit = FEATURES[name]
+        match = [e for e in out if e.function == leaf and (e.index == sub or leaf not in (7, 0xD))]
+        if item[0] == "+":
+            if not any(getattr(e, reg) >> bit & 1 for e in match):
+                raise ValueError(f"CPU feature {name}: this host's KVM cannot give it to a guest")
+        else:
+            for e in match:
+                setattr(e, reg, getattr(e, reg) & ~(1 << bit))
+    return out
