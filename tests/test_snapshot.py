@@ -409,3 +409,19 @@ def test_load_is_refused_after_boot_resources(tmp_path: Path) -> None:
     assert c.handle("PUT", "/boot-source", {"kernel_image_path": "/k"}) == (204, None)
     body = {"snapshot_path": str(tmp_path / "s"), "mem_file_path": str(tmp_path / "m")}
     assert c.handle("PUT", "/snapshot/load", body) == (400, {"fault_message": BOOT_CONFIGURED})
+
+
+def test_kvmclock_continues_from_the_snapshot_unless_clock_realtime(count_snapshot: Saved) -> None:
+    """The guest's clock does not jump: after a restore KVM's clock reads what it read at the snapshot
+    (plus the moments since the restore), not the time the snapshot sat on disk; with clock_realtime it
+    has advanced by the wall time since the snapshot."""
+    saved = load_state(count_snapshot.state)
+    time.sleep(1.0)
+    with VM.restore(count_snapshot.state, count_snapshot.mem) as vm:
+        clock = vm.machine.kvm_vm.get_clock().clock
+    assert 0 <= clock - saved.vm.clock < 300_000_000, (clock, saved.vm.clock)
+    options = RestoreOptions(clock_realtime=True)
+    with VM.restore(count_snapshot.state, count_snapshot.mem, options=options) as vm:
+        clock = vm.machine.kvm_vm.get_clock().clock
+    behind = time.time() - saved.created_at
+    assert abs((clock - saved.vm.clock) / 1e9 - behind) < 0.5, (clock, saved.vm.clock, behind)

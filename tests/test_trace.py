@@ -23,6 +23,24 @@ from pyrovm.trace.tracefs import parse_trace
 from conftest import cli_env, needs_kvm, pyrovm_argv
 
 ROOT = os.geteuid() == 0
+#: the creation calls the issue names, in the order pyrovm makes them (KVM_CHECK_EXTENSION is third)
+CREATION = [
+    "KVM_GET_API_VERSION",
+    "KVM_CREATE_VM",
+    "KVM_CHECK_EXTENSION",
+    "KVM_SET_TSS_ADDR",
+    "KVM_CREATE_IRQCHIP",
+    "KVM_CREATE_PIT2",
+    "KVM_SET_USER_MEMORY_REGION",
+    "KVM_CREATE_VCPU",
+    "KVM_SET_CPUID2",
+    "KVM_SET_SREGS",
+    "KVM_SET_REGS",
+    "KVM_SET_MSRS",
+    "KVM_IOEVENTFD",
+    "KVM_IRQFD",
+    "KVM_RUN",
+]
 
 
 def _trace(guest: Path, tmp_path: Path, cmdline: str, fmt: str = "jsonl", *extra: str) -> Path:
@@ -62,19 +80,7 @@ def test_creation_calls_in_order_with_their_arguments(guest: Path, tmp_path: Pat
     records = _records(_trace(guest, tmp_path, "test=hello", "jsonl", "--cpus", "2"))
     calls = [r for r in records if r["type"] == "call"]
     names = [c["name"] for c in calls]
-    order = [
-        "open",
-        "KVM_GET_API_VERSION",
-        "KVM_CREATE_VM",
-        "KVM_SET_TSS_ADDR",
-        "KVM_CREATE_IRQCHIP",
-        "KVM_CREATE_PIT2",
-        "KVM_SET_USER_MEMORY_REGION",
-        "KVM_CREATE_VCPU",
-        "KVM_SET_CPUID2",
-        "KVM_SET_SREGS",
-        "KVM_SET_REGS",
-    ]
+    order = ["open", *CREATION[:2], *CREATION[3:11]]
     at = [names.index(n) for n in order]
     assert at == sorted(at), names
     region = next(c for c in calls if c["name"] == "KVM_SET_USER_MEMORY_REGION")["args"]
@@ -266,22 +272,5 @@ def test_kernel_paths_are_checked_against_the_symbols() -> None:
     assert steps["kvm_dev_ioctl"] and steps["kvm_create_vm"] and not steps["kvm_arch_init_vm"]
     run = [s for s in paths.path("KVM_RUN") if "vcpu_run" in s.name and s.name.endswith("_vcpu_run")]
     assert run[0].name == "svm_vcpu_run" and run[0].present  # the alternative the kernel has
-    creation = [
-        "KVM_GET_API_VERSION",
-        "KVM_CREATE_VM",
-        "KVM_CHECK_EXTENSION",
-        "KVM_SET_TSS_ADDR",
-        "KVM_CREATE_IRQCHIP",
-        "KVM_CREATE_PIT2",
-        "KVM_SET_USER_MEMORY_REGION",
-        "KVM_CREATE_VCPU",
-        "KVM_SET_CPUID2",
-        "KVM_SET_SREGS",
-        "KVM_SET_REGS",
-        "KVM_SET_MSRS",
-        "KVM_IOEVENTFD",
-        "KVM_IRQFD",
-        "KVM_RUN",
-    ]
-    for name in creation:  # the issue's list: each has a sentence and a path
+    for name in CREATION:  # the issue's list: each has a sentence and a path
         assert paths.explain(name) and paths.path(name), name

@@ -12,7 +12,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from ..errors import SnapshotError
 from ..memory import GuestMemory, MemoryRegion
@@ -107,35 +107,19 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def write_full(memory: GuestMemory, path: str | os.PathLike[str]) -> int:
-    """Write all of guest RAM to *path* (sparse); returns the bytes written (not counting holes)."""
-    fd = _open_new(path, memory.size)
-    written = 0
-    try:
-        base = 0
-        for region in memory:
-            for off, length in _nonzero_runs(region):
-                _pwrite_all(fd, region.view[off : off + length], base + off)
-                written += length
-            base += region.size
-        os.fsync(fd)
-    except OSError as exc:
-        raise SnapshotError(f"memory file {path}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    return written
-
-
-def write_diff(memory: GuestMemory, path: str | os.PathLike[str], dirty: dict[int, set[int]]) -> int:
-    """Write the pages of *dirty* (region index -> page numbers within the region) to *path*, at their
-    offsets in a full memory file; returns the bytes written."""
+def _write_runs(
+    memory: GuestMemory,
+    path: str | os.PathLike[str],
+    runs: Callable[[int, MemoryRegion], Iterable[tuple[int, int]]],
+) -> int:
+    """Write, for each region, the ``(offset, length)`` runs *runs(index, region)* gives, at their offsets
+    in a full memory file (holes elsewhere); returns the bytes written."""
     fd = _open_new(path, memory.size)
     written = 0
     try:
         base = 0
         for index, region in enumerate(memory):
-            for first, count in _page_runs(dirty.get(index, ())):
-                off, length = first * PAGE, count * PAGE
+            for off, length in runs(index, region):
                 _pwrite_all(fd, region.view[off : off + length], base + off)
                 written += length
             base += region.size
@@ -145,6 +129,22 @@ def write_diff(memory: GuestMemory, path: str | os.PathLike[str], dirty: dict[in
     finally:
         os.close(fd)
     return written
+
+
+def write_full(memory: GuestMemory, path: str | os.PathLike[str]) -> int:
+    """Write all of guest RAM to *path* (sparse); returns the bytes written (not counting holes)."""
+    return _write_runs(memory, path, lambda index, region: _nonzero_runs(region))
+
+
+def write_diff(memory: GuestMemory, path: str | os.PathLike[str], dirty: dict[int, set[int]]) -> int:
+    """Write the pages of *dirty* (region index -> page numbers within the region) to *path*, at their
+    offsets in a full memory file; returns the bytes written."""
+
+    def runs(index: int, region: MemoryRegion) -> Iterator[tuple[int, int]]:
+        for first, count in _page_runs(dirty.get(index, ())):
+            yield first * PAGE, count * PAGE
+
+    return _write_runs(memory, path, runs)
 
 
 def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
