@@ -18,23 +18,25 @@ import mmap
 import os
 import sys
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from . import host
 from . import kvm as k
 from .arch.x86 import boot as x86boot
 from .arch.x86 import layout
-from .arch.x86 import state as vstate
 from .config import VmConfig
 from .console import ConsoleLog
 from .device_manager import DeviceManager
 from .errors import ConfigError, SnapshotError
-from .kvm.stats import KVM_CAP_BINARY_STATS_FD, StatsError, StatsReader, open_stats_fd
 from .loader import check_cmdline, load_kernel
 from .loader.cmdline import Cmdline
 from .machine import Machine, MachineEvents, MachineParts
 from .memory import GuestMemory
-from .snapshot import SnapshotState, decode_devices
+
+if TYPE_CHECKING:  # (imported where used: a plain boot does not pay for them)
+    from .arch.x86.state import VcpuState
+    from .kvm.stats import StatsReader
+    from .snapshot import SnapshotState
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +162,9 @@ def restore(
     ready to :meth:`~Machine.start` (where it continues).  Guest RAM is mapped copy-on-write from
     *mem_path* (which is never written).  Raises SnapshotError / ConfigError for bad input, HostError
     when this host lacks a KVM capability the snapshot needs; nothing is left half-built."""
+    from .arch.x86 import state as vstate
+    from .snapshot import decode_devices
+
     options = options or RestoreOptions()
     config = options.apply(VmConfig.from_json(state.config))
     config.validate(restoring=True)
@@ -199,7 +204,9 @@ def restore(
         raise
 
 
-def _restore_vcpu(vcpu: k.Vcpu, saved: vstate.VcpuState) -> None:
+def _restore_vcpu(vcpu: k.Vcpu, saved: VcpuState) -> None:
+    from .arch.x86 import state as vstate
+
     try:
         vstate.restore_vcpu(vcpu, saved)
     except vstate.StateSizeError as exc:
@@ -317,6 +324,8 @@ def _create_devices(
 def _open_stats(kvm: k.Kvm, kvm_vm: k.Vm, stack: contextlib.ExitStack) -> list[StatsReader]:
     """KVM's binary statistics of the VM and each vCPU (kept open: ``pyrovm stat`` finds them in
     /proc/PID/fd, ``--metrics`` reads them); none on a kernel without them."""
+    from .kvm.stats import KVM_CAP_BINARY_STATS_FD, StatsError, StatsReader, open_stats_fd
+
     if kvm.check_extension(KVM_CAP_BINARY_STATS_FD) <= 0:
         return []
     readers: list[StatsReader] = []

@@ -330,8 +330,9 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser(with_tools: bool = True) -> argparse.ArgumentParser:
-    """The argument parser; *with_tools* False leaves out the kernel/initramfs/disk commands."""
+def build_parser(with_tools: bool = True, command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; *with_tools* False leaves out the commands other than *command*'s that cost
+    imports (kernel, initramfs, disk, snapshot, stat)."""
     parser = _Parser(
         prog="pyrovm",
         description="pyrovm: a virtual machine monitor in Python on Linux KVM.",
@@ -344,11 +345,12 @@ def build_parser(with_tools: bool = True) -> argparse.ArgumentParser:
     sub.required = True
 
     _add_run_parser(sub)
-    from .snapshot.cli import register as register_snapshot
-    from .stat_cli import register as register_stat
+    if with_tools or command in ("snapshot", "stat"):
+        from .snapshot.cli import register as register_snapshot
+        from .stat_cli import register as register_stat
 
-    register_snapshot(sub)
-    register_stat(sub)
+        register_snapshot(sub)
+        register_stat(sub)
 
     guest = sub.add_parser(
         "guest",
@@ -423,7 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return fc_main(args_list[1:], prog="pyrovm serve")
     # the kernel/initramfs/disk modules cost ~25 ms of imports that `pyrovm run` does not need
-    parser = build_parser(with_tools=command not in ("run", "guest", "doctor", "trace", "snapshot", "stat"))
+    fast = ("run", "guest", "doctor", "trace", "snapshot", "stat")
+    parser = build_parser(with_tools=command not in fast, command=command)
     args = parser.parse_args(args_list)
     verbose = bool(getattr(args, "verbose", False))
     _setup_logging(verbose)

@@ -20,18 +20,17 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .arch.x86 import layout
 from .devices.ratelimit import RateLimitSpec
-from .devices.virtio.net import MAX_MTU, MIN_MTU, format_mac, parse_mac
-from .devices.virtio.vsock import check_cid
 from .errors import ConfigError
 from .kvm.system import DEFAULT_KVM_DEVICE
 from .loader.cmdline import Cmdline
 from .loader.kernel import BOOT_MODES
-from .netback.passt import PortForward, find_passt, parse_forward
-from .netback.tap import check_ifname
+
+if TYPE_CHECKING:  # (the network and vsock modules are imported only for a VM that has them)
+    from .netback.passt import PortForward
 
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1"
 DEFAULT_MEMORY = 128 << 20
@@ -168,11 +167,11 @@ class NetSpec:
     tx_rate_limiter: RateLimitSpec | None = None  # frames from the guest
 
     def __post_init__(self) -> None:
-        object.__setattr__(
-            self,
-            "hostfwd",
-            tuple(f if isinstance(f, PortForward) else parse_forward(f) for f in self.hostfwd),
-        )
+        if self.hostfwd:
+            from .netback.passt import PortForward, parse_forward
+
+            forwards = tuple(f if isinstance(f, PortForward) else parse_forward(f) for f in self.hostfwd)
+            object.__setattr__(self, "hostfwd", forwards)
 
     @classmethod
     def parse(cls, spec: str) -> NetSpec:
@@ -195,6 +194,8 @@ class NetSpec:
                     raise ConfigError(f"net {spec!r}: mtu {value!r} is not a number")
                 mtu = int(value)
             elif key == "hostfwd" and sep and backend == "user":
+                from .netback.passt import parse_forward
+
                 forwards.append(parse_forward(value))
             else:
                 known = "mac=, mtu=, hostfwd=" if backend == "user" else "mac=, mtu="
@@ -208,10 +209,16 @@ class NetSpec:
     def mac_bytes(self, vm_name: str, index: int) -> bytes:
         """The MAC given, or a locally administered one derived from the VM's name and the NIC's index."""
         if self.mac is not None:
+            from .devices.virtio.net import parse_mac
+
             return parse_mac(self.mac)
         return default_mac(vm_name, index)
 
     def validate(self) -> None:
+        from .devices.virtio.net import MAX_MTU, MIN_MTU, parse_mac
+        from .netback.passt import find_passt
+        from .netback.tap import check_ifname
+
         what = f"net {self.backend}" + (f"={self.tap}" if self.tap is not None else "")
         if self.backend not in NET_BACKENDS:
             raise ConfigError(f"net backend {self.backend!r}: use tap or user")
@@ -304,6 +311,8 @@ class VsockSpec:
         return Path(base) / f"pyrovm-{vm_name}.vsock"
 
     def validate(self, vm_name: str) -> None:
+        from .devices.virtio.vsock import check_cid
+
         check_cid(self.cid)
         path = self.socket_path(vm_name)
         what = f"vsock socket {path}"
@@ -489,6 +498,8 @@ class VmConfig:
             nic.validate()
             mac = nic.mac_bytes(self.name, i)
             if mac in macs:
+                from .devices.virtio.net import format_mac
+
                 raise ConfigError(f"net {i}: MAC {format_mac(mac)} is also NIC {macs[mac]}'s")
             macs[mac] = i
             if nic.tap is not None:

@@ -17,9 +17,10 @@ The manager makes only three KVM calls (``irq_line``, ``ioeventfd``, ``irqfd``),
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
 
 from .arch.x86 import layout
 from .config import DiskSpec, NetSpec, VsockSpec
@@ -41,13 +42,12 @@ from .devices.virtio import (
 )
 from .devices.virtio.device import VirtioDeviceState
 from .devices.virtio.mmio import MmioTransportState
-from .devices.virtio.net import FrameBackend, VirtioNet
-from .devices.virtio.vsock import VirtioVsock
 from .errors import ConfigError
 from .eventloop import EventFd, EventLoop
 from .memory import GuestMemory
-from .netback import open_tap, start_passt
-from .netback.vsock import VsockMuxer, remove_stale_socket
+
+if TYPE_CHECKING:
+    from .devices.virtio.vsock import VirtioVsock
 
 #: IOAPIC pins free for virtio devices (0 timer, 1 keyboard, 2 cascade, 4 COM1, 8 RTC, 12 mouse, 13 FPU).
 VIRTIO_IRQS = (5, 6, 7, 9, 10, 11, 14, 15, 3, 16, 17, 18, 19, 20, 21, 22, 23)
@@ -193,6 +193,9 @@ class DeviceManager:
         """virtio-net NIC *index* (``eth<index>``) on a tap or on passt; ConfigError when the backend
         cannot be had (no such tap, passt missing, a port in use)."""
         name = f"eth{index}"
+        from .devices.virtio.net import FrameBackend, VirtioNet  # (a VM without NICs does not import them)
+        from .netback import open_tap, start_passt
+
         backend: FrameBackend
         if spec.backend == "tap":
             backend = open_tap(spec.tap or "")
@@ -218,6 +221,9 @@ class DeviceManager:
 
     def add_vsock(self, spec: VsockSpec, vm_name: str) -> VirtioSlot:
         """virtio-vsock for guest CID ``spec.cid``, its host side listening at the socket path."""
+        from .devices.virtio.vsock import VirtioVsock
+        from .netback.vsock import VsockMuxer, remove_stale_socket
+
         path = spec.socket_path(vm_name)
         if spec.uds is None:
             remove_stale_socket(path)
@@ -305,7 +311,7 @@ class DeviceManager:
         (it will not notify again) and reset vsock connections (the host side is a new process)."""
         for slot in self.slots:
             device = slot.transport.device
-            if isinstance(device, VirtioVsock):
+            if _is_vsock(device):
                 self.loop.call_soon_threadsafe(functools.partial(device.locked, device.transport_reset))
             for index in range(device.num_queues):  # (announces the reset event too)
                 self.loop.call_soon_threadsafe(functools.partial(slot.transport.process_queue, index))
@@ -337,9 +343,15 @@ class DeviceManager:
 
 def _slot_metrics(slot: VirtioSlot) -> dict[str, Any]:
     metrics: dict[str, Any] = dict(slot.transport.metrics())
-    if isinstance(slot.transport.device, VirtioVsock):
+    if _is_vsock(slot.transport.device):
         metrics["connections"] = slot.transport.device.connections()
     return metrics
+
+
+def _is_vsock(device: VirtioDevice) -> TypeGuard[VirtioVsock]:
+    """(Without importing the vsock module: when nothing imported it, no device is a vsock device.)"""
+    module = sys.modules.get("pyrovm.devices.virtio.vsock")
+    return module is not None and isinstance(device, module.VirtioVsock)
 
 
 def queue_eventfds(transport: VirtioMmioTransport, loop: EventLoop) -> list[tuple[int, EventFd]]:

@@ -17,7 +17,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from .builder import RestoreOptions, build, restore
 from .config import DEFAULT_CMDLINE, DiskSpec, NetSpec, VmConfig, VsockSpec, parse_size
@@ -27,10 +27,12 @@ from .errors import ConfigError
 from .kvm.system import DEFAULT_KVM_DEVICE
 from .machine import Machine
 from .memory import GuestMemory
-from .netback.vsock import VsockHost
 from .result import ExitCode, ExitReason, VmExit
-from .snapshot import SnapshotInfo, SnapshotState, load_state
 from .vcpu import KICK_SIGNAL, install_kick_handler
+
+if TYPE_CHECKING:  # (imported where used)
+    from .netback.vsock import VsockHost
+    from .snapshot import SnapshotInfo, SnapshotState
 
 __all__ = [
     "KICK_SIGNAL",
@@ -39,7 +41,6 @@ __all__ = [
     "ExitCode",
     "ExitReason",
     "RestoreOptions",
-    "SnapshotInfo",
     "VmExit",
     "install_kick_handler",
     "parse_size",
@@ -237,6 +238,8 @@ class VM:
         """A VM built from a snapshot, not started: :meth:`start` continues it where the snapshot was
         taken.  See :meth:`restore`; *state_path* may also be a state already read
         (:func:`pyrovm.snapshot.load_state`)."""
+        from .snapshot.core import SnapshotState, load_state
+
         state = state_path if isinstance(state_path, SnapshotState) else load_state(state_path)
         vm = cls.__new__(cls)
         vm.machine = restore(state, mem_path, options, console=console)
@@ -313,6 +316,8 @@ class VM:
     def vsock(self) -> VsockHost:
         """The host side of the vsock device: ``connect(port, timeout)`` gives a socket to a guest port,
         ``listen(port)`` a listening socket for the guest's connections to host port *port*."""
+        from .netback.vsock import VsockHost
+
         spec = self.machine.config.vsock
         if spec is None:
             raise ConfigError("this VM has no vsock device (give vsock='cid=N')")
