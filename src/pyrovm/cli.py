@@ -88,6 +88,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     signals.install()  # first: a signal during start-up must not kill the VMM
     trace = None
     try:
+        if not args.no_seccomp:
+            from .seccomp import enable
+
+            try:
+                enable(args.seccomp_filter)
+            except PyrovmError as exc:
+                return _fail(str(exc))
         if getattr(args, "trace", None):
             from .trace.session import TraceSession
 
@@ -318,6 +325,18 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
         metavar="REGEX",
         help=f"report the time to the first console line matching REGEX (default with --boot-timer: "
         f"'{DEFAULT_BOOT_MARKER}')",
+    )
+    run.add_argument(
+        "--no-seccomp",
+        action="store_true",
+        help="no seccomp filters (by default each of pyrovm's threads runs under a filter of its role: see "
+        "README 'Security')",
+    )
+    run.add_argument(
+        "--seccomp-filter",
+        default=None,
+        metavar="FILE",
+        help="seccomp filters to use instead of pyrovm's (JSON, as src/pyrovm/seccomp_filters.json)",
     )
     run.add_argument(
         "--kvm-device",

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from . import seccomp
 from .errors import StateError
 
 log = logging.getLogger(__name__)
@@ -276,6 +277,7 @@ class EventLoop:
             return max(self._timers[0][0] - time.monotonic(), 0)
 
     def _run(self) -> None:
+        seccomp.thread_role("io")
         while not self._stopping:
             try:
                 events = self._selector.select(self._next_timeout())

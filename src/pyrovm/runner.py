@@ -199,6 +199,10 @@ def run_vm(vm: VM, args: argparse.Namespace, signals: SignalWorker, started: flo
             terminal = Terminal(vm.send_input, lambda: vm.stop(ExitReason.STOPPED, "quit (Ctrl-A x)"))
             terminal.start()
         vm.start()
+        from . import seccomp
+
+        if seccomp.enabled():  # the main thread's filter, now that the VM's threads have theirs
+            seccomp.thread_role("main")
         signals.started(vm)
         result = vm.wait(vm.config.timeout)
     finally:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from . import kvm as k
+from . import seccomp
 from .devices.bus import Bus
 from .errors import StateError
 from .kvm import exits as ex
@@ -287,6 +288,7 @@ class VcpuThreads:
     # -- the threads -------------------------------------------------------------------------------------
     def _run(self, index: int, vcpu: k.Vcpu) -> None:
         try:
+            seccomp.thread_role("vcpu", f"pyrovm-vcpu{index}")
             self._loop(index, vcpu)
         except Exception as exc:  # a bug in a device or in pyrovm: end the VM, report it
             log.exception("vCPU %d: VMM error", index)

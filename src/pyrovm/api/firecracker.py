@@ -68,11 +68,9 @@ def build_parser(prog: str = "pyrovm-firecracker") -> argparse.ArgumentParser:
         metavar="BYTES",
         help=f"largest request body (default {DEFAULT_MAX_PAYLOAD})",
     )
+    p.add_argument("--no-seccomp", action="store_true", help="no seccomp filters (README 'Security')")
     p.add_argument(
-        "--no-seccomp", action="store_true", help="accepted (pyrovm installs no seccomp filter yet)"
-    )
-    p.add_argument(
-        "--seccomp-filter", metavar="FILE", help="accepted (pyrovm installs no seccomp filter yet)"
+        "--seccomp-filter", metavar="FILE", help="seccomp filters to use instead of pyrovm's (JSON)"
     )
     p.add_argument(
         "--version", action="version", version=f"Firecracker v{FIRECRACKER_VERSION} (pyrovm {__version__})"
@@ -152,8 +150,14 @@ def main(
     if args.http_api_max_payload_size <= 0:
         print(f"{prog}: error: --http-api-max-payload-size must be positive", file=sys.stderr)
         return 2
-    if args.no_seccomp or args.seccomp_filter:
-        log.warning("seccomp flags accepted; pyrovm installs no seccomp filter yet")
+    if not args.no_seccomp:
+        from pyrovm.seccomp import enable
+
+        try:
+            enable(args.seccomp_filter)
+        except PyrovmError as exc:
+            print(f"{prog}: {exc}", file=sys.stderr)
+            return 2
     from pyrovm.vcpu import install_kick_handler
 
     install_kick_handler()  # VMs start on an API thread: the vCPU kick signal's handler is set from here
@@ -192,6 +196,10 @@ def main(
             apply_config_file(controller, args.config_file)
         if on_ready is not None:
             on_ready(controller)
+        from pyrovm import seccomp
+
+        if seccomp.enabled():
+            seccomp.thread_role("main")
         threading.Thread(target=_forward_stdin, args=(controller,), daemon=True).start()
         while not done.wait(0.5):
             pass

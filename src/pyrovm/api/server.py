@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
+from pyrovm import seccomp
 from pyrovm.errors import ConfigError
 
 from .controller import Controller
@@ -140,8 +141,12 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     def start(self) -> None:
         """Serve on a thread of its own."""
-        self._thread = threading.Thread(target=self.serve_forever, name="pyrovm-api", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="pyrovm-api", daemon=True)
         self._thread.start()
+
+    def _serve(self) -> None:
+        seccomp.thread_role("api")  # (the connection threads it starts inherit its filter)
+        self.serve_forever()
 
     def close(self) -> None:
         if self._thread is not None:

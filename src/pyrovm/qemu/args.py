@@ -43,6 +43,7 @@ OPTIONS: dict[str, bool] = {
     "nodefaults": False,
     "no-user-config": False,
     "global": True,
+    "sandbox": True,
 }
 
 #: options people often give that pyrovm does not have, with the nearest thing it does

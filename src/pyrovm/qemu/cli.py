@@ -28,7 +28,8 @@ Runs a VM from a qemu-system-x86_64 -enable-kvm command line. Taken: -enable-kvm
 -device virtio-blk-*|virtio-net-*|vhost-vsock-*|virtio-rng-*|isa-debug-exit,
 -netdev user[,hostfwd=...]|tap,ifname=,script=no,downscript=no, -nographic, -display none,
 -serial stdio|mon:stdio|file:PATH|null, -monitor none, -no-reboot, -name, -pidfile, -daemonize,
--object rng-random|rng-builtin, -qmp unix:PATH,server,wait=off, -nodefaults, -no-user-config.
+-object rng-random|rng-builtin, -qmp unix:PATH,server,wait=off, -sandbox on|off (pyrovm's seccomp
+filters, on by default), -nodefaults, -no-user-config.
 Anything else: one line naming the option and pyrovm's nearest equivalent, status 2.
 See README ("QEMU's command line") for the table.
 """
@@ -84,6 +85,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = setup.config.vsock.socket_path(setup.config.name)
         print(f"pyrovm qemu: vhost-vsock is pyrovm's Unix-socket vsock at {path} (Firecracker's protocol)",
               file=sys.stderr)  # fmt: skip
+    if setup.sandbox:
+        from ..seccomp import enable
+
+        try:
+            enable()
+        except PyrovmError as exc:
+            return _fail(str(exc))
     signals = SignalWorker(None)
     signals.install()
     qmp = None

@@ -116,7 +116,13 @@ class QmpServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         except OSError as exc:
             raise ConfigError(f"-qmp: cannot listen on {path}: {exc.strerror}") from None
         self.path = path
-        self._thread = threading.Thread(target=self.serve_forever, name="qmp", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="qmp", daemon=True)
+
+    def _serve(self) -> None:
+        from .. import seccomp
+
+        seccomp.thread_role("api", "pyrovm-qmp")
+        self.serve_forever()
 
     def start(self) -> None:
         self._thread.start()

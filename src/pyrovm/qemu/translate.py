@@ -37,6 +37,7 @@ class QemuSetup:
     daemonize: bool = False
     qmp: Path | None = None
     no_reboot: bool = False
+    sandbox: bool = True  # pyrovm's seccomp filters (QEMU's -sandbox on|off)
 
 
 @dataclass
@@ -364,6 +365,13 @@ def _global(st: _State, value: str) -> None:
         raise QemuArgError(f"-global {value}: not supported (pyrovm's virtio-mmio is modern, version 2)")
 
 
+def _sandbox(st: _State, value: str) -> None:
+    props = parse_props(value, "sandbox", "enable")
+    if set(props) - {"enable"}:
+        raise QemuArgError(f"-sandbox {value}: pyrovm takes on or off (its own filters per thread role)")
+    st.extra["sandbox"] = on_off(props.get("enable", "on"), "-sandbox")
+
+
 def _name(st: _State, value: str) -> None:
     st.name = parse_props(value, "name", "guest").get("guest", "pyrovm")
 
@@ -402,6 +410,7 @@ _HANDLERS: dict[str, Callable[[_State, str], None]] = {
     "nodefaults": lambda st, v: None,
     "no-user-config": lambda st, v: None,
     "global": _global,
+    "sandbox": _sandbox,
 }
 
 

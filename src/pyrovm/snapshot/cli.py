@@ -91,6 +91,14 @@ def _cmd_restore(args: argparse.Namespace) -> int:
         return _fail(str(e))
     if args.api_sock is not None:
         return _serve_restored(args, options)
+    if not args.no_seccomp:
+        from ..errors import PyrovmError
+        from ..seccomp import enable
+
+        try:
+            enable(args.seccomp_filter)
+        except PyrovmError as exc:
+            return _fail(str(exc))
     if not args.resume:
         return _fail("snapshot restore: without --api-sock nothing could resume the VM: give --resume")
     from ..cli import _START
@@ -124,6 +132,8 @@ def _serve_restored(args: argparse.Namespace, options: Any) -> int:
         restore_into(controller, load_state(args.state), args.mem, options, resume=args.resume)
 
     argv = ["--api-sock", args.api_sock, "--id", args.name or "anonymous-instance"]
+    argv += ["--no-seccomp"] if args.no_seccomp else []
+    argv += ["--seccomp-filter", args.seccomp_filter] if args.seccomp_filter else []
     return fc_main(argv, prog="pyrovm snapshot restore", on_ready=load)
 
 
@@ -246,5 +256,9 @@ def _add_restore(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "--timeout", type=float, default=None, metavar="S", help="stop after S seconds (status 124)"
     )
     r.add_argument("--metrics", default=None, metavar="FILE", help="write JSON counters at the end (as run)")
+    r.add_argument("--no-seccomp", action="store_true", help="no seccomp filters (README 'Security')")
+    r.add_argument(
+        "--seccomp-filter", default=None, metavar="FILE", help="seccomp filters instead of pyrovm's"
+    )
     r.add_argument("--verbose", "-v", action="store_true", help="report how the VM ended, log more")
     r.set_defaults(func=_cmd_restore)

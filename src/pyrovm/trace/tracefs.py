@@ -57,8 +57,6 @@ for _ in range(50):
         break
     except OSError:
         time.sleep(0.1)
-if mounted and not os.listdir(os.path.join(mounted, "instances")):
-    os.system("umount " + mounted)
 """
 
 
@@ -112,7 +110,7 @@ class KernelTrace:
     def __init__(self, pid: int | None = None) -> None:
         self.pid = pid or os.getpid()
         self.instance: Path | None = None
-        self.mounted: Path | None = None  # a mount this trace made (undone at the end)
+        self.mounted: Path | None = None  # a mount this trace made (left mounted, as distributions do)
         self.lost = 0
         self._watchdog: subprocess.Popen[bytes] | None = None
 
@@ -186,11 +184,6 @@ class KernelTrace:
                 self._watchdog.stdin.close()  # EOF: the watchdog checks once more and ends
             self._watchdog.wait(10)
             self._watchdog = None
-        if self.mounted is not None:
-            instances = self.mounted / "instances"
-            if instances.is_dir() and not any(instances.iterdir()):
-                subprocess.run(["umount", str(self.mounted)], capture_output=True)
-            self.mounted = None
         return events
 
 

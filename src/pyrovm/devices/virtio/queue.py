@@ -432,11 +432,11 @@ class SplitQueue:
         pop, avail_hdr, state = self.pop, self._avail_hdr, self.state
         self.deferred = False
         event_idx = self.event_idx
+        budget = DRAIN_BUDGET  # for the whole call: chains that keep coming while serving count too
         while True:
             if not event_idx:  # (with EVENT_IDX the driver kicks only past avail_event: nothing to turn off)
                 self.disable_notification()
             batch: list[DescriptorChain | ChainError] = []
-            budget = DRAIN_BUDGET
             try:
                 while budget > 0:
                     try:
