@@ -36,6 +36,9 @@ SCMP_ACT_ALLOW = 0x7FFF0000
 SCMP_ACT_TRAP = 0x00030000
 SCMP_ACT_LOG = 0x7FFC0000
 SCMP_ACT_ERRNO_EACCES = 0x00050000 | 13
+#: always allowed by an allow-list: the SIGSYS report takes Python's lock (futex), writes its line and
+#: exits; and the kick (tgkill), which glibc sends with every signal blocked, where no report could run
+REPORT_NEEDS = ("write", "exit_group", "rt_sigreturn", "futex", "tgkill")
 SCMP_CMP_EQ = 4
 PR_SET_NAME = 15
 SYS_SWAPOFF = 168
@@ -154,6 +157,8 @@ class Policy:
         if kind == "allow" and isinstance(soft, list):  # these fail with EACCES instead of stopping pyrovm
             rules += [(SCMP_ACT_ERRNO_EACCES, self.lib.number(str(name)), []) for name in soft]
         args = spec.get("args", {})
+        if kind == "allow":  # what the SIGSYS report itself needs, whatever the file says
+            calls = calls + [c for c in REPORT_NEEDS if c not in calls]
         for name in calls:
             if name in args:  # allowed only with these values of an argument
                 index, values = args[name]["index"], args[name]["values"]
