@@ -236,6 +236,9 @@ int test_blk_id(void);
 int test_blkbench(void);
 int test_rng(void);
 
+/* ---- hostile.c ---- */
+int test_hostile(void);
+
 /* ---- net.c ---- */
 int test_net(void);
 int test_netbench(void);

@@ -166,6 +166,7 @@ static const struct test tests[] = {
 	{"spin", test_spin},
 	{"count", test_count},
 	{"hv", test_hv},
+	{"hostile", test_hostile},
 	{"triple-fault", test_triple_fault},
 	{"cpus", test_cpus},
 	{"pio", test_pio},
