@@ -407,6 +407,13 @@ def build_parser(with_tools: bool = True, command: str | None = None) -> argpars
         "-qmp...) and run the VM with pyrovm; see 'pyrovm qemu -help'.",
     )
     qemu.add_argument("qemu_args", nargs=argparse.REMAINDER, help="QEMU's options")
+    jail = sub.add_parser(
+        "jail",
+        help="run 'pyrovm run' or 'serve' in a jail (namespaces, pivot_root, an unprivileged user)",
+        description="pyrovm jail --id ID --uid U --gid G [--chroot-base DIR] [--new-netns] [--rlimit NAME=N] "
+        "-- run|serve ARGS...; see 'pyrovm jail --help'.",
+    )
+    jail.add_argument("jail_args", nargs=argparse.REMAINDER, help="the jailer's options, -- and pyrovm's")
 
     if with_tools:
         from . import disk, initramfs
@@ -434,6 +441,10 @@ def _setup_logging(verbose: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in args_list if not a.startswith("-")), None)
+    if command == "jail" and args_list[0] == "jail":  # its own options, then pyrovm's after --
+        from .jail import main as jail_main
+
+        return jail_main(args_list[1:])
     if command == "qemu" and args_list[0] == "qemu":  # QEMU's options, all of them, to the QEMU front end
         from .qemu.cli import main as qemu_main
 
