@@ -12,6 +12,7 @@ PACKAGES=(
   socat                               # vsock tests: a third-party client of the Firecracker protocol
   passt                               # --net user (rootless user-mode networking)
   iproute2 iputils-ping               # network tests: namespaces, taps, ping
+  libseccomp2 strace                  # the seccomp filters (libseccomp through ctypes); strace to rebuild them
 )
 
 missing=()
