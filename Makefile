@@ -24,7 +24,7 @@ demo: setup
 	  --cmdline "test=cpus ncpus=4"; [ $$? -eq 1 ]
 
 lint: setup
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench fuzz
 	$(VENV)/bin/mypy src
 
 test: setup lint

@@ -19,6 +19,7 @@ Import this module after the pyrovm modules, under the harness's instrumentation
 from __future__ import annotations
 
 from collections.abc import Callable
+
 import atheris
 
 from pyrovm.devices.ratelimit import BucketSpec, RateLimitSpec
@@ -71,7 +72,9 @@ def rate_limiter(fdp: atheris.FuzzedDataProvider) -> RateLimitSpec | None:
     def bucket() -> BucketSpec | None:
         if fdp.ConsumeBool():
             return None
-        return BucketSpec(fdp.ConsumeIntInRange(0, 4096), fdp.ConsumeIntInRange(0, 100), fdp.ConsumeIntInRange(0, 64))
+        return BucketSpec(
+            fdp.ConsumeIntInRange(0, 4096), fdp.ConsumeIntInRange(0, 100), fdp.ConsumeIntInRange(0, 64)
+        )
 
     return RateLimitSpec(bucket(), bucket())
 
@@ -142,7 +145,11 @@ class FuzzDriver:
             size = min(size, max_size, 256)
             base = QUEUE_AREA * index + 0x1000
             mq = MockSplitQueue(
-                MEMORY, size=size, base=base, data_base=base + RING_AREA, data_size=QUEUE_AREA - RING_AREA - 0x1000
+                MEMORY,
+                size=size,
+                base=base,
+                data_base=base + RING_AREA,
+                data_size=QUEUE_AREA - RING_AREA - 0x1000,
             )
             self.mqs.append(mq)
             if fdp.ConsumeIntInRange(0, 7) == 0:
@@ -171,7 +178,9 @@ class FuzzDriver:
 
     def generic_request(self) -> Request:
         fdp = self.fdp
-        readable = [fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 96)) for _ in range(fdp.ConsumeIntInRange(0, 3))]
+        readable = [
+            fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 96)) for _ in range(fdp.ConsumeIntInRange(0, 3))
+        ]
         writable = [self.length() for _ in range(fdp.ConsumeIntInRange(0, 3))]
         return readable, writable
 
@@ -285,7 +294,9 @@ class FuzzDriver:
 
     def raw_register(self) -> None:
         fdp = self.fdp
-        off = fdp.PickValueInList(REGISTERS) if fdp.ConsumeIntInRange(0, 7) else fdp.ConsumeIntInRange(0, 0xFFF)
+        off = (
+            fdp.PickValueInList(REGISTERS) if fdp.ConsumeIntInRange(0, 7) else fdp.ConsumeIntInRange(0, 0xFFF)
+        )
         size = 4 if fdp.ConsumeIntInRange(0, 7) else fdp.PickValueInList([1, 2, 3, 8])
         if fdp.ConsumeBool():
             self.r(off, size)

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz virtio-rng's request handling through the virtio-mmio transport (see ``_virtio.py``): a fuzzed
 driver negotiates, lays out its queue and chains (well formed or hostile), kicks, resets; with or without
 a byte-rate limit (deferred requests come back through the timers the input runs).
@@ -13,10 +14,10 @@ import _common
 import atheris
 
 with _common.instrumented(__name__):
+    import _virtio
+
     from pyrovm.devices.virtio.mock import MockSplitQueue
     from pyrovm.devices.virtio.rng import VirtioRng
-
-    import _virtio
 
 
 def fuzz_one(data: bytes) -> None:
@@ -38,7 +39,9 @@ def fuzz_one(data: bytes) -> None:
 
 
 def main() -> None:
-    _common.run(fuzz_one)
+    _common.quiet()
+    atheris.Setup(sys.argv, fuzz_one)
+    atheris.Fuzz()
 
 
 if __name__ == "__main__":

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz split-virtqueue parsing (:class:`pyrovm.devices.virtio.queue.SplitQueue`).
 
 The input sets the queue registers (size, ring addresses, the device's indices, the negotiated EVENT_IDX
@@ -161,7 +162,9 @@ def fuzz_one(data: bytes) -> None:
 
 
 def main() -> None:
-    _common.run(fuzz_one)
+    _common.quiet()
+    atheris.Setup(sys.argv, fuzz_one)
+    atheris.Fuzz()
 
 
 if __name__ == "__main__":

@@ -144,7 +144,7 @@ def _index_of(name: str, prefix: str, count: int, what: str, letters: bool = Fal
     if letters:
         index = ord(suffix) - ord("a") if len(suffix) == 1 else -1
     else:
-        index = int(suffix) if suffix.isdigit() else -1
+        index = int(suffix) if suffix.isdecimal() else -1
     if not 0 <= index < count:
         names = ", ".join(f"{prefix}{chr(ord('a') + i) if letters else i}" for i in range(count)) or "none"
         raise ConfigError(f"{what} {name!r}: the snapshot has no such {what} (it has: {names})")

@@ -190,7 +190,7 @@ class NetSpec:
             if key == "mac" and sep:
                 mac = value
             elif key == "mtu" and sep:
-                if not value.isdigit():
+                if not value.isdecimal():
                     raise ConfigError(f"net {spec!r}: mtu {value!r} is not a number")
                 mtu = int(value)
             elif key == "hostfwd" and sep and backend == "user":
@@ -289,7 +289,7 @@ class VsockSpec:
         for opt in spec.split(","):
             key, sep, value = opt.partition("=")
             if key == "cid" and sep:
-                if not value.isdigit():
+                if not value.isdecimal():
                     raise ConfigError(f"vsock {spec!r}: cid {value!r} is not a number")
                 cid = int(value)
             elif key == "uds" and sep and value:
@@ -316,7 +316,13 @@ class VsockSpec:
         check_cid(self.cid)
         path = self.socket_path(vm_name)
         what = f"vsock socket {path}"
-        if len(os.fsencode(path)) >= 108:
+        try:
+            encoded = os.fsencode(path)
+        except UnicodeEncodeError as exc:  # an unpaired surrogate (a JSON "\ud800" escape)
+            raise ConfigError(f"{what}: not a usable path ({exc})") from None
+        if b"\0" in encoded:
+            raise ConfigError(f"{what}: not a usable path (a NUL byte)")
+        if len(encoded) >= 108:
             raise ConfigError(f"{what}: longer than a Unix socket path may be (107 bytes)")
         if self.uds is not None and os.path.lexists(path):
             raise ConfigError(f"{what} already exists (remove it, or give another uds=)")

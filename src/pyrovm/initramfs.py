@@ -150,7 +150,7 @@ class CpioWriter:
         if ino is None:
             self._ino += 1
             ino = self._ino
-        encoded = name.encode() + b"\0"
+        encoded = os.fsencode(name) + b"\0"  # (a host file's name may be any bytes: os.listdir's str)
         fields = (ino, mode, uid, gid, nlink, self._mtime, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0)
         self._write(NEWC_MAGIC + b"".join(b"%08X" % f for f in fields))
         self._write(encoded)
@@ -188,7 +188,7 @@ class CpioWriter:
         """Add a symlink ``name`` -> ``target`` (the target is stored as the entry's data)."""
         if not target or "\0" in target:
             raise InitramfsError(f"bad symlink target {target!r} for {name!r}")
-        self._add(name, stat.S_IFLNK | 0o777, target.encode(), uid=uid, gid=gid)
+        self._add(name, stat.S_IFLNK | 0o777, os.fsencode(target), uid=uid, gid=gid)
 
     def add_device(
         self,

@@ -200,7 +200,7 @@ def _check_args(ns: argparse.Namespace) -> tuple[list[str], dict[str, int]]:
     limits: dict[str, int] = {}
     for item in ns.rlimit:
         name, _, value = item.partition("=")
-        if name not in RLIMITS or not value.isdigit():
+        if name not in RLIMITS or not value.isdecimal():
             raise ConfigError(f"--rlimit {item!r}: NAME=N with NAME one of {', '.join(RLIMITS)}")
         limits[name] = int(value)
     return command, limits

@@ -86,7 +86,7 @@ def apply_config_file(controller: Controller, path: str) -> None:
             data = json.load(f)
     except OSError as e:
         raise ValueError(f"config file {path}: {e.strerror}") from None
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # (RecursionError: nested too deep)
         raise ValueError(f"config file {path}: not JSON ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path}: expected a JSON object")

@@ -91,7 +91,7 @@ class _Handler(BaseHTTPRequestHandler):
             return True, None
         try:
             return True, json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # (RecursionError: nested too deep)
             self._reply(
                 400,
                 {"fault_message": f"An error occurred when deserializing the json body of a request: {e}."},

@@ -157,6 +157,6 @@ def _resources(saved: Any, taps: dict[str, str], uds: Path | None) -> Resources 
             r.put_vsock({**saved["vsock"], **({"uds_path": str(uds)} if uds is not None else {})})
         if saved.get("entropy") is not None:
             r.put_entropy({k: v for k, v in saved["entropy"].items() if v is not None})
-    except (ApiError, KeyError, TypeError):
+    except (ApiError, KeyError, TypeError, AttributeError):
         return None  # an older or foreign layout: GET /vm/config shows less, the VM is the same
     return r

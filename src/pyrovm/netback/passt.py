@@ -219,7 +219,7 @@ def parse_forward(text: str) -> PortForward:
         raise ConfigError(f"hostfwd={text}: host address {haddr!r} is not an IP address") from None
     ports = []
     for what, p in (("host", hport), ("guest", gport)):
-        if not p.isdigit() or not 1 <= int(p) <= 65535:
+        if not p.isdecimal() or not 1 <= int(p) <= 65535:
             raise ConfigError(f"hostfwd={text}: {what} port {p!r} is not a number from 1 to 65535")
         ports.append(int(p))
     return PortForward(proto, haddr, ports[0], ports[1])

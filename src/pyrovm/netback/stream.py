@@ -105,9 +105,13 @@ class StreamBackend:
         return True
 
     def end_batch(self) -> None:
-        """The device's batch is done: send what is queued (what the socket does not take stays queued)."""
+        """The device's batch is done: send what is queued (what the socket does not take stays queued; a
+        peer that went away shows at the next flush, from the device's writability callback)."""
         if self._out:
-            self.flush()
+            try:
+                self.flush()
+            except BackendClosedError:  # (the device does not expect it here: it would need a reset)
+                pass
 
     @property
     def wants_write(self) -> bool:

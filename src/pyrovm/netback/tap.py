@@ -53,6 +53,7 @@ def check_ifname(name: str) -> None:
     """ConfigError unless *name* can be a network interface's name."""
     if (
         not name
+        or not name.isprintable()  # (before encoding: an unpaired surrogate cannot be encoded; a NUL byte)
         or len(name.encode()) >= IFNAMSIZ
         or "/" in name
         or name in (".", "..")

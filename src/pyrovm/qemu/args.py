@@ -159,6 +159,6 @@ def size_mib(value: str, what: str) -> int:
         mib = float(v) * mult
     except ValueError:
         raise QemuArgError(f"{what} {value}: not a size (e.g. 512, 512M, 2G)") from None
-    if mib <= 0 or mib != int(mib):
+    if not 0 < mib < float("inf") or mib != int(mib):  # (NaN and infinity too)
         raise QemuArgError(f"{what} {value}: not a whole, positive number of MiB")
     return int(mib)

@@ -40,6 +40,9 @@ class _Handler(socketserver.StreamRequestHandler):
             while buf.strip():
                 try:
                     msg, end = decoder.raw_decode(buf.lstrip())
+                except RecursionError:
+                    self._error("GenericError", "JSON nested too deeply")
+                    return
                 except ValueError:
                     if len(buf) > 1 << 20:
                         self._error("GenericError", "JSON parse error")

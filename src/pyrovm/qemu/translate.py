@@ -140,9 +140,10 @@ def _smp(st: _State, value: str) -> None:
     for key, v in props.items():
         if key not in ("cpus", "sockets", "cores", "threads", "dies", "clusters", "maxcpus"):
             raise QemuArgError(f"-smp {value}: {key} is not supported")
-        if not v.isdigit() or int(v) < 1:
+        n = _digits(v)
+        if n is None or n < 1:
             raise QemuArgError(f"-smp {value}: {key}={v} is not a positive number")
-        counts[key] = int(v)
+        counts[key] = n
     topology = 1
     for key in ("sockets", "dies", "clusters", "cores", "threads"):
         topology *= counts.get(key, 1)
@@ -166,7 +167,7 @@ def _cpu(st: _State, value: str) -> None:
         st.notice(f"-cpu {model}: the guest sees the host's CPU as KVM offers it (as -cpu host), not {model}")
     for item in rest:
         key, sep, v = item.partition("=")
-        if item[:1] in "+-" and not sep:
+        if item[:1] in ("+", "-") and not sep:
             name, sign = item[1:], item[0]
         elif key == "kvm" and sep:
             st.hide_kvm = not on_off(v, "-cpu kvm")
@@ -231,11 +232,11 @@ def _device(st: _State, value: str) -> None:
     elif driver in NET:
         _net_device(st, value, props)
     elif driver in VSOCK:
-        cid = props.pop("guest-cid", None)
-        if cid is None or not cid.isdigit():
+        cid = _digits(props.pop("guest-cid", ""))
+        if cid is None:
             raise QemuArgError(f"-device {value}: guest-cid=N is required")
         _no_more(props, value)
-        st.vsock = VsockSpec(int(cid))
+        st.vsock = VsockSpec(cid)
     elif driver in RNG:
         rng = props.pop("rng", None)
         if rng is not None and rng not in st.objects:
@@ -243,12 +244,27 @@ def _device(st: _State, value: str) -> None:
         _no_more(props, value)
         st.rng = True
     elif driver == "isa-debug-exit":
-        if int(props.pop("iobase", "0x501"), 0) != 0xF4 or int(props.pop("iosize", "1"), 0) not in (1, 2, 4):
+        try:
+            port = int(props.pop("iobase", "0x501"), 0), int(props.pop("iosize", "1"), 0)
+        except ValueError:
+            port = (0, 0)
+        if port[0] != 0xF4 or port[1] not in (1, 2, 4):
             raise QemuArgError(f"-device {value}: pyrovm's exit port is iobase=0xf4,iosize=0x04")
         _no_more(props, value)
     else:
         raise QemuArgError(f"-device {driver}: not a device pyrovm has (it has virtio-blk, virtio-net, "
                            "vhost-vsock, virtio-rng, isa-debug-exit)")  # fmt: skip
+
+
+def _digits(value: str) -> int | None:
+    """The number *value* writes in ASCII digits, or None (``str.isdigit`` also takes "²", which ``int``
+    refuses)."""
+    if not (value.isascii() and value.isdigit()):
+        return None
+    try:
+        return int(value)
+    except ValueError:  # more digits than int() converts
+        return None
 
 
 def _no_more(props: dict[str, str], value: str) -> None:

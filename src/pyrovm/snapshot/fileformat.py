@@ -67,7 +67,7 @@ def loads(data: bytes, name: str = "state file") -> dict[str, Any]:
         raise SnapshotError(f"{name}: corrupted (checksum mismatch)")
     try:
         state = json.loads(data[_HEADER.size : end].decode())
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # (RecursionError: nested too deep)
         raise SnapshotError(f"{name}: the state is not valid JSON ({exc})") from None
     if not isinstance(state, dict):
         raise SnapshotError(f"{name}: the state is not a JSON object")
@@ -86,6 +86,8 @@ def read(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise SnapshotError(f"state file {path}: is a directory") from None
     except OSError as exc:
         raise SnapshotError(f"state file {path}: {exc.strerror}") from None
+    except ValueError as exc:  # a NUL byte in the path, or a character it cannot have (an unpaired surrogate)
+        raise SnapshotError(f"state file {path!r}: not a usable path ({exc})") from None
     return loads(data, f"state file {path}")
 
 

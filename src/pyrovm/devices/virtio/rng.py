@@ -1,4 +1,4 @@
-"""virtio-rng / entropy device (VIRTIO 1.2 §5.4): fills device-writable buffers with ``os.getrandom``.
+"""virtio-rng / entropy device (VIRTIO 1.2 §5.4): fills device-writable buffers with ``os.urandom``.
 
 An optional byte-rate limit (token bucket of ``rate_bytes_per_s`` bytes per second, bursts of up to one
 second's worth) defers requests when the bucket is empty: the chain is put back on the queue and a timer
@@ -97,7 +97,7 @@ class VirtioRng(VirtioDevice):
             if not left:
                 break
             n = min(left, view.nbytes)
-            view[:n] = os.getrandom(n)
+            view[:n] = os.urandom(n)  # (getrandom(2) underneath; os.getrandom may return fewer bytes)
             left -= n
         self.stats.bytes_read += want
         return want

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import NamedTuple, Protocol
 
 from pyrovm.devices.virtio.device import VirtioDevice, VirtioDeviceState, VirtioMetrics
-from pyrovm.devices.virtio.queue import ChainError, DescriptorChain, SplitQueue, split_views
+from pyrovm.devices.virtio.queue import ChainError, DescriptorChain, QueueBrokenError, SplitQueue, split_views
 from pyrovm.errors import ConfigError
 
 VIRTIO_ID_VSOCK = 19
@@ -165,6 +165,9 @@ class VirtioVsock(VirtioDevice):
             except ChainError as e:
                 self.chain_failed(q, e)
                 continue
+            except QueueBrokenError as e:  # (called from the event loop, not through the transport)
+                self.log_once("event-queue", "%s: event queue broken, no TRANSPORT_RESET: %s", self.name, e)
+                return False
             if chain is None:
                 return False
             written = chain.write_to_writable(struct.pack("<I", EVENT_TRANSPORT_RESET))
