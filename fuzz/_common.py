@@ -155,3 +155,12 @@ def check_reply(status: Any, value: Any, where: str) -> None:
             raise AssertionError(f"{where}: {message}")
     elif status == 204 and value is not None:
         raise AssertionError(f"{where}: a 204 with a body {value!r}")
+
+
+def run(fuzz_one: Any) -> None:
+    """A harness's main: atheris over *fuzz_one* with libFuzzer's options from the command line."""
+    import sys
+
+    quiet()
+    atheris.Setup(sys.argv, fuzz_one)
+    atheris.Fuzz()

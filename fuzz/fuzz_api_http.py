@@ -21,7 +21,6 @@ import tempfile
 from typing import Any
 
 import _common
-import atheris
 
 with _common.instrumented(__name__, "http.server", "http.client", "email"):
     from pyrovm.api.controller import Controller
@@ -117,9 +116,7 @@ def fuzz_one(data: bytes) -> None:
 
 
 def main() -> None:
-    _common.quiet()
-    atheris.Setup(sys.argv, fuzz_one)
-    atheris.Fuzz()
+    _common.run(fuzz_one)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import sys
 import tempfile
 
 import _common
-import atheris
 
 with _common.instrumented(__name__):
     from pyrovm.api.controller import Controller
@@ -48,9 +47,7 @@ def fuzz_one(data: bytes) -> None:
 
 
 def main() -> None:
-    _common.quiet()
-    atheris.Setup(sys.argv, fuzz_one)
-    atheris.Fuzz()
+    _common.run(fuzz_one)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 import sys
 
 import _common
-import atheris
 
 with _common.instrumented(__name__):
     from pyrovm.config import VmConfig
@@ -46,9 +45,7 @@ def fuzz_one(data: bytes) -> None:
 
 
 def main() -> None:
-    _common.quiet()
-    atheris.Setup(sys.argv, fuzz_one)
-    atheris.Fuzz()
+    _common.run(fuzz_one)
 
 
 if __name__ == "__main__":

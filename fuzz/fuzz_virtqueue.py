@@ -162,9 +162,7 @@ def fuzz_one(data: bytes) -> None:
 
 
 def main() -> None:
-    _common.quiet()
-    atheris.Setup(sys.argv, fuzz_one)
-    atheris.Fuzz()
+    _common.run(fuzz_one)
 
 
 if __name__ == "__main__":
