@@ -111,6 +111,10 @@ def build_root(root: Path, uid: int, gid: int, args: list[str], binds: list[str]
     _mount("none", "/", None, MS_REC | MS_PRIVATE)
     root.mkdir(parents=True, mode=0o755)
     _mount(str(root), str(root), None, MS_BIND | MS_REC)
+    for name in ("proc", "tmp", "old_root"):
+        (root / name).mkdir(exist_ok=True)
+    # /tmp first: whatever lives under the host's /tmp (pyrovm itself, the VM's files) goes on top of it
+    _mount("tmpfs", str(root / "tmp"), "tmpfs", MS_NOSUID | MS_NODEV, "size=64m,mode=1777")
     for system in ("/usr", "/lib", "/lib64", "/bin"):
         if Path(system).exists() and not Path(system).is_symlink():
             _bind(root, Path(system), True)
@@ -118,10 +122,7 @@ def build_root(root: Path, uid: int, gid: int, args: list[str], binds: list[str]
             (root / system.lstrip("/")).symlink_to(os.readlink(system))
     for pydir in _python_dirs():
         _bind(root, pydir, True)
-    for name in ("proc", "tmp", "old_root"):
-        (root / name).mkdir(exist_ok=True)
-    _mount("tmpfs", str(root / "tmp"), "tmpfs", MS_NOSUID | MS_NODEV, "size=64m,mode=1777")  # (before the
-    ro, rw, dirs = vm_paths(args)  # VM's files: those under /tmp go on top of it)
+    ro, rw, dirs = vm_paths(args)
     for item in binds:
         path, _, mode = item.partition(":")
         (rw if mode == "rw" else ro).append(Path(path).resolve())
