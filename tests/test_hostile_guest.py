@@ -17,27 +17,31 @@ from conftest import cli_env, needs_kvm, pyrovm_argv
 pytestmark = needs_kvm
 
 
+def _argv(guest: Path, cmdline: str, disk: Path, timeout: str, console: str) -> list[str]:
+    return pyrovm_argv(
+        "run",
+        "--kernel",
+        str(guest),
+        "--memory",
+        "64M",
+        "--cmdline",
+        cmdline,
+        "--disk",
+        str(disk),
+        "--rng",
+        "--timeout",
+        timeout,
+        "--console",
+        console,
+    )
+
+
 def _run(guest: Path, cmdline: str, disk: Path) -> tuple[subprocess.CompletedProcess[str], float, float]:
-    """The run, its wall time, and the VMM's peak RSS in MiB (each call a fresh child, waited for alone)."""
+    """The run, its wall time and the CPU time it used (user + system, of the child waited for here)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.monotonic()
     p = subprocess.run(
-        pyrovm_argv(
-            "run",
-            "--kernel",
-            str(guest),
-            "--memory",
-            "64M",
-            "--cmdline",
-            cmdline,
-            "--disk",
-            str(disk),
-            "--rng",
-            "--timeout",
-            "60",
-            "--console",
-            "stdio",
-        ),
+        _argv(guest, cmdline, disk, "60", "stdio"),
         capture_output=True,
         text=True,
         env=cli_env(),
@@ -70,22 +74,7 @@ def test_the_vmm_memory_stays_bounded(guest: Path, tmp_path: Path) -> None:
     peak = []
     for cmdline in ("test=hello", "test=hostile rounds=2000"):
         proc = subprocess.Popen(
-            pyrovm_argv(
-                "run",
-                "--kernel",
-                str(guest),
-                "--memory",
-                "64M",
-                "--cmdline",
-                cmdline,
-                "--disk",
-                str(disk),
-                "--rng",
-                "--timeout",
-                "120",
-                "--console",
-                "none",
-            ),
+            _argv(guest, cmdline, disk, "120", "none"),
             env=cli_env(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

@@ -29,6 +29,10 @@ SYSTEM_IOCTLS = {
     "KVM_GET_MSR_INDEX_LIST",
 }
 
+#: ioctls that, on an fd not labelled yet, show it is /dev/kvm's (KVM_CHECK_EXTENSION works on VM fds too,
+#: but pyrovm checks on /dev/kvm before it has a VM)
+_KVM_FD_IOCTLS = SYSTEM_IOCTLS | {"KVM_CHECK_EXTENSION"}
+
 
 @dataclass
 class Call:
@@ -117,7 +121,7 @@ class Recorder:
     def _call(self, t0: int, fd: int, name: str, arg: object, result: int | None, error: str | None) -> None:
         dur = time.monotonic_ns() - t0
         label = self.labels.get(fd)
-        if label is None and name in SYSTEM_IOCTLS | {"KVM_CHECK_EXTENSION"}:
+        if label is None and name in _KVM_FD_IOCTLS:
             label = self.labels[fd] = "kvm"
         if result is not None and name == "KVM_CREATE_VM":
             self.labels[result] = "vm"
