@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from pyrovm import cgroups
 from pyrovm.api import Client
 from pyrovm.api.server import socket_answers
 
@@ -145,6 +146,87 @@ def test_the_jailed_vmm_sees_only_its_jail(jail_dir: Path) -> None:
             proc.wait()
 
 
+def _v1_has(controller: str) -> bool:
+    return controller in cgroups.mounts(cgroups.read_mounts())[0]
+
+
+CGROUP_CASES = [
+    pytest.param(
+        1,
+        ["memory.max=256M", "cpu.max=50000 100000", "pids.max=64", "memory.soft_limit_in_bytes=128M"],
+        {
+            "memory/memory.limit_in_bytes": "268435456",
+            "memory/memory.soft_limit_in_bytes": "134217728",
+            "cpu/cpu.cfs_quota_us": "50000",
+            "cpu/cpu.cfs_period_us": "100000",
+            "pids/pids.max": "64",
+        },
+        marks=pytest.mark.skipif(
+            not all(map(_v1_has, ("memory", "cpu", "pids"))), reason="no cgroup v1 here"
+        ),
+        id="v1",
+    ),
+    pytest.param(
+        2,
+        ["cgroup.max.descendants=0", "cgroup.max.depth=0"],
+        {"cgroup.max.descendants": "0", "cgroup.max.depth": "0"},
+        marks=pytest.mark.skipif(cgroups.mounts(cgroups.read_mounts())[1] is None, reason="no cgroup2 here"),
+        id="v2",
+    ),
+]
+
+
+@pytest.mark.parametrize(("version", "settings", "expected"), CGROUP_CASES)
+def test_a_jailed_vm_runs_in_its_own_cgroup(
+    jail_dir: Path, version: int, settings: list[str], expected: dict[str, str]
+) -> None:
+    d = jail_dir
+    sock = d / "out" / "api.sock"
+    name = f"cg{version}"
+    extra = [f"--cgroup={s}" for s in settings] + [
+        "--cgroup-version",
+        str(version),
+        "--parent-cgroup",
+        "pyrovm-test",
+    ]
+    cmd = _jail(d, name, "serve", "--api-sock", str(sock))
+    cmd[cmd.index("--") : cmd.index("--")] = [*extra, "--bind", str(d / "guest.elf")]
+    v1, v2 = cgroups.mounts(cgroups.read_mounts())
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
+    try:
+        deadline = time.monotonic() + 30
+        while not socket_answers(sock):
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                proc.stderr.read() if proc.stderr else ""
+            )
+            time.sleep(0.05)
+        pid = _jailed_pid(sock)
+        lines = cgroups.current(pid)
+        for key, value in expected.items():
+            if version == 1:
+                controller, file = key.split("/")
+                base = v1[controller]
+                assert any(
+                    controller in line.split(":")[1].split(",") and line.endswith(f":/pyrovm-test/{name}")
+                    for line in lines
+                ), lines
+            else:
+                file, base = key, v2
+                assert f"0::/pyrovm-test/{name}" in lines, lines
+            assert base is not None and (base / "pyrovm-test" / name / file).read_text().strip() == value
+        with Client(str(sock)) as c:
+            c.put("/boot-source", kernel_image_path=str(d / "guest.elf"), boot_args="test=exit status=3")
+            c.put("/actions", action_type="InstanceStart")
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 7 and b"exit status 3" in out
+        bases = [v1[k.split("/")[0]] for k in expected] if version == 1 else [v2]
+        assert not any(b is not None and (b / "pyrovm-test").exists() for b in bases)  # removed at the end
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -152,8 +234,34 @@ def test_the_jailed_vmm_sees_only_its_jail(jail_dir: Path) -> None:
         (["--id", "x", "--uid", "0", "--gid", "1", "--", "run"], "an unprivileged user"),
         (["--id", "x", "--uid", "5", "--gid", "5", "--", "snapshot"], "run ... or serve ..."),
         (["--id", "x", "--uid", "5", "--gid", "5", "--rlimit", "cpu=1", "--", "run"], "--rlimit 'cpu=1'"),
+        (["--id", "x", "--uid", "5", "--gid", "5", "--cgroup", "memory", "--", "run"], "FILE=VALUE"),
+        (
+            ["--id", "x", "--uid", "5", "--gid", "5", "--cgroup=memory.max=lots", "--", "run"],
+            "a size in bytes",
+        ),
+        (["--id", "x", "--uid", "5", "--gid", "5", "--cgroup=frob.max=1", "--", "run"], "no frob controller"),
+        (["--id", "x", "--uid", "5", "--gid", "5", "--cgroup=cpu.max=half", "--", "run"], "'QUOTA [PERIOD]'"),
+        (
+            ["--id", "x", "--uid", "5", "--gid", "5", "--parent-cgroup", "../up", "--", "run"],
+            "--parent-cgroup",
+        ),
     ],
 )
 def test_bad_jailer_command_lines(args: list[str], message: str) -> None:
     p = subprocess.run(pyrovm_argv("jail", *args), capture_output=True, text=True, env=cli_env(), timeout=60)
     assert p.returncode == 2 and message in p.stderr and p.stderr.count("\n") == 1, p.stderr
+
+
+@pytest.mark.skipif(
+    not _v1_has("pids") and cgroups.mounts(cgroups.read_mounts())[1] is None, reason="no pids"
+)
+def test_the_cgroup_limit_holds_from_the_start(jail_dir: Path) -> None:
+    """pids.max=2: the VMM cannot start its vCPU and I/O threads; it says so in one line."""
+    d = jail_dir
+    cmd = _jail(
+        d, "pids", "run", "--kernel", str(d / "guest.elf"), "--cmdline", "test=hello", "--memory", "32M"
+    )
+    cmd[cmd.index("--") : cmd.index("--")] = ["--cgroup", "pids.max=2"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=60)
+    assert p.returncode == 8 and "cannot start a thread" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    assert "hello" not in p.stdout

@@ -468,22 +468,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         # stdout closed early (e.g. piped into head): as if killed by SIGPIPE
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except Exception as exc:  # a bug in pyrovm: one line (the traceback with -v), its own status
-        if verbose:
-            import traceback
-
-            traceback.print_exc()
-        where = exc.__traceback__
-        while where is not None and where.tb_next is not None:
-            where = where.tb_next
-        place = (
-            f" at {os.path.basename(where.tb_frame.f_code.co_filename)}:{where.tb_lineno}" if where else ""
-        )
+    except RuntimeError as exc:
+        if "can't start new thread" not in str(exc):
+            return _internal_error(exc, verbose)
         print(
-            f"pyrovm: internal error{place}: {type(exc).__name__}: {exc} (-v shows the traceback)",
+            "pyrovm: cannot start a thread: the process is out of threads (its cgroup's pids.max, "
+            "RLIMIT_NPROC or the host's threads-max)",
             file=sys.stderr,
         )
         return INTERNAL_ERROR
+    except Exception as exc:
+        return _internal_error(exc, verbose)
+
+
+def _internal_error(exc: BaseException, verbose: bool) -> int:
+    """One line for a bug in pyrovm (the traceback with -v), its own status."""
+    if verbose:
+        import traceback
+
+        traceback.print_exc()
+    where = exc.__traceback__
+    while where is not None and where.tb_next is not None:
+        where = where.tb_next
+    place = f" at {os.path.basename(where.tb_frame.f_code.co_filename)}:{where.tb_lineno}" if where else ""
+    print(
+        f"pyrovm: internal error{place}: {type(exc).__name__}: {exc} (-v shows the traceback)",
+        file=sys.stderr,
+    )
+    return INTERNAL_ERROR
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """``pyrovm jail``: run ``pyrovm run`` or ``pyrovm serve`` in a jail, as Firecracker's jailer does.
 
 ``pyrovm jail --id ID --uid U --gid G [--chroot-base DIR] [--new-netns] [--rlimit nofile=N] [--rlimit
-fsize=BYTES] -- run|serve ARGS...``: the jailer (root) makes ``DIR/pyrovm/ID/root``; in new mount, PID,
+fsize=BYTES] [--cgroup FILE=VALUE]... -- run|serve ARGS...``: the jailer (root) makes the VM's cgroups
+(:mod:`pyrovm.cgroups`) and moves into them, then ``DIR/pyrovm/ID/root``; in new mount, PID,
 IPC and UTS namespaces (and a new network namespace with ``--new-netns``) it bind-mounts into it, read-only,
 only what pyrovm needs: the Python installation and pyrovm itself (the directories of ``sys.path``), the
 system's libraries (``/usr``, ``/lib``, ``/lib64``), and the VM's own files named on the command line
@@ -25,6 +26,7 @@ import stat
 import sys
 from pathlib import Path
 
+from . import cgroups
 from .errors import ConfigError
 
 CLONE_NEWNS = 0x00020000
@@ -180,11 +182,26 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         metavar="NAME=N",
         help=f"a resource limit ({', '.join(RLIMITS)}), repeatable",
     )
+    p.add_argument(
+        "--cgroup",
+        action="append",
+        default=[],
+        metavar="FILE=VALUE",
+        help="a cgroup setting for the VM's own cgroup PARENT/ID, e.g. cpu.max='50000 100000', "
+        "memory.max=256M, pids.max=64; v2 names work on cgroup v1 hosts too (translated); repeatable",
+    )
+    p.add_argument(
+        "--cgroup-version",
+        type=int,
+        choices=(1, 2),
+        help="cgroup v1 or v2 (default: the host's /sys/fs/cgroup)",
+    )
+    p.add_argument("--parent-cgroup", default="pyrovm", help="where the VM's cgroup goes (default pyrovm)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- run|serve ARGS...")
     return p.parse_args(argv)
 
 
-def _check_args(ns: argparse.Namespace) -> tuple[list[str], dict[str, int]]:
+def _check_args(ns: argparse.Namespace) -> tuple[list[str], dict[str, int], cgroups.Plan | None]:
     if os.geteuid() != 0:
         raise ConfigError("pyrovm jail needs root (it makes namespaces, mounts and device nodes)")
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", ns.id):
@@ -204,16 +221,22 @@ def _check_args(ns: argparse.Namespace) -> tuple[list[str], dict[str, int]]:
         if name not in RLIMITS or not value.isdecimal():
             raise ConfigError(f"--rlimit {item!r}: NAME=N with NAME one of {', '.join(RLIMITS)}")
         limits[name] = int(value)
-    return command, limits
+    cgroups.check_parent(ns.parent_cgroup)
+    plan = None
+    if ns.cgroup:
+        plan = cgroups.plan(ns.cgroup, ns.cgroup_version, ns.parent_cgroup, ns.id, cgroups.read_mounts())
+    return command, limits, plan
 
 
 def main(argv: list[str]) -> int:
     ns = _parse(argv)
     try:
-        command, limits = _check_args(ns)
+        command, limits, plan = _check_args(ns)
         root = Path(ns.chroot_base) / "pyrovm" / ns.id / "root"
         if root.exists():
             raise ConfigError(f"{root} exists: another jail with id {ns.id}, or a stale one (remove it)")
+        if plan:
+            cgroups.make(plan)
     except ConfigError as exc:
         print(f"pyrovm jail: {exc}", file=sys.stderr)
         return 2
@@ -222,6 +245,8 @@ def main(argv: list[str]) -> int:
     if pid == 0:
         code = 2
         try:
+            if plan:
+                cgroups.join(plan, os.getpid())  # first: the limits hold for everything that follows
             _check(_libc.unshare(flags), "unshare")
             build_root(root, ns.uid, ns.gid, command, ns.bind)
             inner = os.fork()  # the first child in the new PID namespace: PID 1 there
@@ -237,5 +262,7 @@ def main(argv: list[str]) -> int:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     shutil.rmtree(root.parent, ignore_errors=True)  # (its mounts went with the mount namespace)
+    if plan:
+        cgroups.remove(plan)
     code = os.waitstatus_to_exitcode(status)
     return code if code >= 0 else 128 - code
