@@ -73,17 +73,8 @@ def _exchange(path: str, data: bytes) -> bytes:
 
 
 def _check_answers(raw: bytes, request: bytes) -> None:
-    """Each answer: a status line, headers, a Content-Length body of JSON (or nothing).
-
-    Known and let through: ``http.server`` answers a request line that says ``HTTP/0.9`` as HTTP/0.9
-    did, with the bare body and no status line (Firecracker refuses that version with a 400).
-    """
+    """Each answer: a status line, headers, a Content-Length body of JSON (or nothing)."""
     while raw:
-        if not raw.startswith(b"HTTP/") and b"HTTP/0.9" in request:
-            value = json.loads(raw)  # (the status is not said: a 200's value or a 400's fault message)
-            if isinstance(value, dict) and "Internal error of pyrovm" in str(value.get("fault_message")):
-                raise AssertionError(f"HTTP/0.9 answer: {value}")
-            return
         head, sep, rest = raw.partition(b"\r\n\r\n")
         if not sep:
             raise AssertionError(f"an answer without the end of its headers: {raw[:200]!r}")

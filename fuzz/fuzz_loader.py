@@ -4,8 +4,7 @@ PVH note or a 64-bit entry, or not a kernel) into a 64 MiB guest RAM, with each 
 
 The first byte picks the boot mode (auto, pvh, linux64); the rest is the file.  Expected:
 :class:`pyrovm.loader.KernelLoadError` (a ConfigError).  A bzImage or a 64-bit ELF entry that loads: its
-entry lies in guest RAM (the loader checks the ELF's is in a loaded segment; a PVH note's entry is taken
-as it is).
+entry lies in guest RAM (the loader checks that an ELF's, the PVH note's too, is in a loaded segment).
 
     python fuzz/fuzz_loader.py -max_total_time=600 fuzz/corpus/loader
 """
@@ -32,7 +31,7 @@ def fuzz_one(data: bytes) -> None:
         entry = load_kernel(_MEMORY, data[1:], "k", mode)
     except ConfigError:  # KernelLoadError
         return
-    if entry.mode != "pvh" and not _MEMORY.contains(entry.entry, 1):  # (a PVH note's entry is not checked)
+    if not _MEMORY.contains(entry.entry, 1):
         raise AssertionError(f"{entry}: the entry point is outside guest RAM")
     if entry.mode == "bzimage":
         try:

@@ -48,7 +48,7 @@ def api_http() -> dict[str, bytes]:
         "http10": b"GET /version HTTP/1.0\r\n\r\n",
         "bad-request-line": b"GARBAGE\r\n\r\n",
         "chunked": b"PUT /logger HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
-        # known: answered as HTTP/0.9 was, without a status line (the harness lets it through)
+        # HTTP/0.9 (http.server would answer without a status line): a 400
         "http09": b"GET / HTTP/0.9\r\n\r\n",
     }  # fmt: skip
 

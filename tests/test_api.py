@@ -225,6 +225,9 @@ def test_keep_alive_and_json_everywhere(server: ApiServer) -> None:
     [
         b"garbage\r\n\r\n",
         b"GET / HTTP/9.9\r\n\r\n",
+        b"GET / HTTP/0.9\r\n\r\n",  # (http.server would answer without a status line)
+        b"GET /\r\n\r\n",  # the same, HTTP/0.9's simple request
+        b"PATCH /vm x HTTP/0.9\r\n\r\n",  # (found by fuzzing: a refusal of a line that ends HTTP/0.9)
         b"PUT /machine-config HTTP/1.1\r\nContent-Length: 5\r\n\r\n{nope",
         b"PUT /machine-config HTTP/1.1\r\nContent-Length: x\r\n\r\n",
         b"PUT /machine-config HTTP/1.1\r\nContent-Length: 1000000\r\n\r\n" + b"{" * 1000,

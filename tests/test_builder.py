@@ -109,6 +109,9 @@ def test_natural_failures_release_everything(guest: Path, tmp_path: Path) -> Non
     plain = rawelf.make_elf(b"\x90", tmp_path / "plain.elf")
     with pytest.raises(KernelLoadError, match="no PVH entry"):
         builder.build(_config(plain, tmp_path, boot="pvh"))
+    stray = rawelf.make_elf(b"\x90", tmp_path / "stray.elf", pvh_entry=0x2000)  # (found by fuzzing)
+    with pytest.raises(KernelLoadError, match="PVH entry point 0x2000 is outside"):
+        builder.build(_config(stray, tmp_path))
     _assert_released(before_fds, before_threads, disk)
 
 

@@ -147,6 +147,14 @@ def test_writer_rejects_bad_input() -> None:
         w.add_dir("/")
     with pytest.raises(InitramfsError, match="symlink target"):
         w.add_symlink("b", "")
+    with pytest.raises(InitramfsError, match="end marker"):  # the kernel would stop unpacking there
+        w.add_file("/TRAILER!!!", b"")
+    with pytest.raises(InitramfsError, match="32 bits"):  # 9 hex digits would shift the header
+        w.add_file("big-uid", b"", uid=1 << 32)
+    with pytest.raises(InitramfsError, match="32 bits"):
+        w.add_device("neg", -1, 0)
+    with pytest.raises(InitramfsError, match="32 bits"):
+        CpioWriter(io.BytesIO(), mtime=-1)
     w.close()
     with pytest.raises(InitramfsError, match="closed"):
         w.add_dir("c")

@@ -99,6 +99,8 @@ def _check_name(name: str) -> str:
         raise InitramfsError(f"bad archive path {name!r}: '..' is not allowed")
     if any("\0" in p for p in parts):
         raise InitramfsError(f"bad archive path {name!r}: NUL byte")
+    if parts == [TRAILER]:  # the kernel's unpacker stops at an entry of this name: the rest would be lost
+        raise InitramfsError(f"bad archive path {name!r}: the name of the archive's end marker")
     return "/".join(parts)
 
 
@@ -111,6 +113,8 @@ class CpioWriter:
     """
 
     def __init__(self, stream: BinaryIO, *, mtime: int = 0) -> None:
+        if not 0 <= mtime <= 0xFFFFFFFF:
+            raise InitramfsError(f"mtime {mtime}: must fit in 32 bits (newc cpio)")
         self._stream = stream
         self._mtime = mtime
         self._ino = 0
@@ -152,6 +156,9 @@ class CpioWriter:
             ino = self._ino
         encoded = os.fsencode(name) + b"\0"  # (a host file's name may be any bytes: os.listdir's str)
         fields = (ino, mode, uid, gid, nlink, self._mtime, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0)
+        if not all(0 <= f <= 0xFFFFFFFF for f in fields):  # each is 8 hex digits in the header
+            what = "uid, gid, device numbers, size and mtime"
+            raise InitramfsError(f"{name!r}: {what} must fit in 32 bits (newc cpio), not {fields!r}")
         self._write(NEWC_MAGIC + b"".join(b"%08X" % f for f in fields))
         self._write(encoded)
         self._pad()
@@ -172,8 +179,8 @@ class CpioWriter:
         path = _check_name(name)
         if path in self._names:
             raise InitramfsError(f"duplicate archive path {path!r}")
-        self._names.add(path)
         self._entry(path, mode, data, nlink=nlink, uid=uid, gid=gid, rdev=rdev)
+        self._names.add(path)  # (after: a refused entry leaves no trace)
         return path
 
     def add_dir(self, name: str, mode: int = 0o755, *, uid: int = 0, gid: int = 0) -> None:

@@ -42,8 +42,19 @@ class _Handler(BaseHTTPRequestHandler):
     def address_string(self) -> str:
         return "unix"
 
+    def parse_request(self) -> bool:
+        """http.server's parser, less HTTP/0.9 (a 'GET /' line or 'HTTP/0.9'), which it would answer
+        without a status line: refused with a 400, as Firecracker does."""
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9" or len(self.requestline.split()) == 2:
+            self.send_error(400, "HTTP/0.9 is not supported")
+            return False
+        return True
+
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own refusals (a bad request line, headers too long...) as JSON 400s."""
+        self.request_version = "HTTP/1.1"  # (never answered as HTTP/0.9 was: without a status line)
         self.close_connection = True
         self._reply(400, {"fault_message": f"Bad request: {message or HTTPStatus(code).phrase}."})
 

@@ -45,6 +45,10 @@ def load_kernel(memory: GuestMemory, data: bytes, name: str, boot: str = "auto")
     if mode == "pvh":
         if elf.pvh_entry is None:
             raise KernelLoadError(f"{name}: no PVH entry note (use boot=linux64)")
+        if not elf.loaded(elf.pvh_entry):
+            raise KernelLoadError(
+                f"{name}: not a kernel: its PVH entry point {elf.pvh_entry:#x} is outside its loaded segments"
+            )
         return KernelEntry("pvh", elf.pvh_entry, elf.load_end)
     if not elf.loaded(elf.entry64):
         raise KernelLoadError(
