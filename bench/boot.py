@@ -4,7 +4,9 @@
 
 Defaults: the project's kernel (``build_kernel()``) and busybox initramfs (``build_initramfs()``), 1 vCPU,
 128 MiB.  Both VMMs get the same kernel command line (on a PVM host with the workarounds pyrovm would
-add, and QEMU with ``vendor=GenuineIntel``).  Reported, from process start: the time to the console line
+add, and QEMU with ``vendor=GenuineIntel``).  pyrovm runs twice, with KVM's coalesced I/O (the default)
+and with ``--no-coalesced-io``, for the exits to user space per boot (from ``--metrics``); the three
+alternate run by run.  Reported, from process start: the time to the console line
 "Run /init as init process", to the kernel's panic line (on a PVM host init dies at its first system
 call and the kernel panics) and to the VMM's exit (panic=-1 reboot=k: pyrovm ends on the i8042 reset).
 QEMU microvm has no i8042, so its reset falls back to a triple fault through int3, which PVM cannot
@@ -15,6 +17,7 @@ reports no exit time for it.  Ratios are pyrovm / QEMU (lower is better for pyro
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -141,33 +144,49 @@ def main() -> int:
         f"{'PVM host' if pvm else 'KVM host'}, {args.repeat} run(s) each, medians",
         file=sys.stderr,
     )
-    results: dict[str, tuple[float | None, ...]] = {}
-    for name, cmd in (("pyrovm", pyrovm_cmd), ("qemu", qemu_cmd)):
-        if name == "qemu" and qemu is None:
-            print("qemu-system-x86_64 not found: apt-get install qemu-system-x86", file=sys.stderr)
-            continue
-        kill = name == "qemu" and pvm
-        runs = [run_timed(cmd, args.timeout, kill_on_panic=kill) for _ in range(args.repeat)]
+    metrics = Path(os.environ.get("TMPDIR", "/tmp")) / f"pyrovm-bench-boot-{os.getpid()}.json"
+    variants = {
+        "pyrovm": [*pyrovm_cmd, "--metrics", str(metrics)],
+        "pyrovm-no-coalescing": [*pyrovm_cmd, "--metrics", str(metrics), "--no-coalesced-io"],
+        "qemu": qemu_cmd,
+    }
+    if qemu is None:
+        print("qemu-system-x86_64 not found: apt-get install qemu-system-x86", file=sys.stderr)
+        del variants["qemu"]
+    runs: dict[str, list[Run]] = {name: [] for name in variants}
+    exits: dict[str, list[dict[str, int]]] = {name: [] for name in variants}
+    for _ in range(args.repeat):  # alternating, so that load on the machine hits all alike
+        for name, cmd in variants.items():
+            metrics.unlink(missing_ok=True)
+            runs[name].append(run_timed(cmd, args.timeout, kill_on_panic=name == "qemu" and pvm))
+            if metrics.exists():
+                exits[name].append(json.loads(metrics.read_text())["vcpu_exits"])
+            print(f"{name}: {runs[name][-1]} {exits[name][-1:] if exits[name] else ''}", file=sys.stderr)
+    metrics.unlink(missing_ok=True)
+    report(runs, exits)
+    return 0
 
-        def med(i: int, runs: list[Run] = runs) -> float | None:
-            values = [r[i] for r in runs if r[i] is not None]
-            return statistics.median(values) if values else None  # type: ignore[type-var]
 
-        results[name] = (med(0), med(1), med(2), runs[-1][3])
-        print(f"{name}: {runs}", file=sys.stderr)
+def report(runs: dict[str, list[Run]], exits: dict[str, list[dict[str, int]]]) -> None:
+    def med(name: str, i: int) -> float | None:
+        values = [r[i] for r in runs.get(name, []) if r[i] is not None]
+        return statistics.median(values) if values else None  # type: ignore[type-var]
 
     def fmt(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}"
 
-    print(f"{'':28}{'pyrovm':>10}{'qemu':>10}{'ratio':>8}")
-    p = results.get("pyrovm", (None, None, None, 0))
-    q = results.get("qemu", (None, None, None, 0))
+    names = list(runs)
+    print(f"{'':28}" + "".join(f"{n:>22}" for n in names) + f"{'pyrovm/qemu':>13}")
     for label, i in (("s to 'Run /init'", 0), ("s to kernel panic line", 1), ("s to VMM exit", 2)):
-        a, b = p[i], q[i]
-        ratio = f"{a / b:.2f}" if isinstance(a, float) and isinstance(b, float) and b else "-"
-        print(f"{label:28}{fmt(a):>10}{fmt(b):>10}{ratio:>8}")  # type: ignore[arg-type]
-    print(f"{'exit status':28}{p[3]:>10}{q[3] if q[2] is not None else 'killed':>10}")
-    return 0
+        a, b = med("pyrovm", i), med("qemu", i)
+        ratio = f"{a / b:.2f}" if a is not None and b else "-"
+        print(f"{label:28}" + "".join(f"{fmt(med(n, i)):>22}" for n in names) + f"{ratio:>13}")
+    for key in ("exits", "io", "mmio", "coalesced"):
+        cells = []
+        for n in names:
+            values = [e.get(key, 0) for e in exits[n]]
+            cells.append(f"{int(statistics.median(values)):>22}" if values else f"{'-':>22}")
+        print(f"{'vCPU ' + key:28}" + "".join(cells))
 
 
 if __name__ == "__main__":

@@ -120,6 +120,7 @@ def _full(tmp_path: Path) -> VmConfig:
         vsock=VsockSpec(9, tmp_path / "v.sock"),
         track_dirty_pages=True,
         hide_kvm=True,
+        coalesced_io=False,
         cpu_features=("-avx", "+sse2"),
     )
 

@@ -151,3 +151,46 @@ def test_debug_exit() -> None:
     dev = DebugExit(got.append)
     dev.write(0, (5).to_bytes(4, "little"))
     assert got == [5]
+
+
+def test_thr_writes_may_be_coalesced_only_while_their_interrupt_is_off() -> None:
+    """The UART says when a THR write has no effect but the output (KVM may then queue it)."""
+    u = Uart()
+    switches: list[bool] = []
+    u.dev.coalesce_writes(switches.append)
+    assert switches == [True]  # IER 0 at reset: polled output
+    u.w(s.IER_DLM, s.IER_RDA)  # receive interrupts change nothing for THR
+    u.w(s.LCR, s.LCR_DLAB)
+    u.w(s.IER_DLM, s.IER_THRE)  # (DLAB: the divisor latch, not IER)
+    u.w(s.LCR, 0x03)
+    assert switches == [True]
+    u.w(s.IER_DLM, s.IER_RDA | s.IER_THRE)  # an interrupt per byte now: each write must exit
+    assert switches == [True, False]
+    u.w(s.IER_DLM, s.IER_RDA)
+    u.w(s.MCR, s.MCR_LOOP)  # loopback: a THR write is received, which the guest may wait for
+    assert switches == [True, False, True, False]
+    u.w(s.MCR, 0)
+    saved = u.dev.save_state()
+    u.w(s.IER_DLM, s.IER_THRE)
+    assert switches[-1] is False
+    u.dev.restore_state(saved)  # back to IER without THRE
+    assert switches[-1] is True
+
+
+def test_the_coalesced_zone_gives_up_after_its_switches() -> None:
+    from pyrovm.device_manager import _CoalescedZone
+
+    calls: list[tuple[int, bool]] = []
+
+    class Wiring:
+        def coalesce(self, addr: int, length: int, pio: bool = False, deassign: bool = False) -> None:
+            assert length == 1 and pio
+            calls.append((addr, deassign))
+
+    zone = _CoalescedZone(Wiring(), 0x3F8)  # type: ignore[arg-type]
+    for _ in range(_CoalescedZone.SWITCHES + 5):
+        zone(True)
+        zone(True)  # (no change: nothing to do)
+        zone(False)
+    assert calls == [(0x3F8, False), (0x3F8, True)] * _CoalescedZone.SWITCHES
+    assert not zone.on

@@ -30,6 +30,29 @@ def test_hello(guest: Path, boot: str) -> None:
     assert result.exit_code == 1  # (0 << 1) | 1, as QEMU's isa-debug-exit
 
 
+def test_polled_console_writes_are_coalesced(guest: Path) -> None:
+    """KVM queues the UART's THR writes while its interrupt is off: one exit per byte (the LSR read, which
+    first serves the bytes before it) instead of two, and the same output."""
+    counts = {}
+    for coalesced in (True, False):
+        with VM(guest, memory="32M", cmdline="test=hello", coalesced_io=coalesced) as vm:
+            result = vm.wait(20)
+            assert vm.console.text == "hello from the test guest\n" and result.guest_status == 0
+            counts[coalesced] = vm.exit_counts()
+    text = len("hello from the test guest\n")
+    assert counts[True]["coalesced"] == text and counts[False]["coalesced"] == 0
+    assert counts[False]["io"] - counts[True]["io"] == text
+
+
+def test_a_quiet_guest_s_last_coalesced_bytes_come_out(guest: Path) -> None:
+    """The guest prints a line, then computes for seconds without touching a device: its newline, queued
+    by KVM, is served by the vCPU monitor within DRAIN_INTERVAL, not at the guest's next exit."""
+    with VM(guest, memory="32M", cmdline="test=count delay=40000000000 max=2") as vm:
+        assert vm.console.wait_for("count 1\n", timeout=5) is not None, vm.console.text
+        assert vm.exit_counts()["coalesced"] == len("count 1\n")
+        vm.stop()
+
+
 @pytest.mark.parametrize("status", [0, 3, 42, 127])
 def test_exit_status_propagates(guest: Path, status: int) -> None:
     with VM(guest, memory="32M", cmdline=f"test=exit status={status}") as vm:

@@ -28,6 +28,7 @@ from .config import VmConfig
 from .console import ConsoleLog
 from .device_manager import DeviceManager
 from .errors import ConfigError, SnapshotError
+from .kvm.coalesced import CoalescedRing
 from .loader import check_cmdline, load_kernel
 from .loader.cmdline import Cmdline
 from .machine import Machine, MachineEvents, MachineParts
@@ -82,6 +83,7 @@ def build(config: VmConfig, *, console: BinaryIO | None = None) -> Machine:
             config, kvm, kvm_vm, memory, devices, vcpus, setup, events.watcher.log, events, stack, workarounds
         )
         parts.kvm_stats = stats
+        parts.coalesced = _coalesced_ring(config, kvm, vcpus, devices, stack)
         return Machine(parts)
     except BaseException:
         stack.close()
@@ -197,6 +199,7 @@ def restore(
             state.host_workarounds_applied,
             restored=True,
             kvm_stats=stats,
+            coalesced=_coalesced_ring(config, kvm, vcpus, devices, stack),
         )
         return Machine(parts)
     except BaseException:
@@ -337,6 +340,22 @@ def _open_stats(kvm: k.Kvm, kvm_vm: k.Vm, stack: contextlib.ExitStack) -> list[S
     for reader in readers:
         stack.callback(reader.close)
     return readers
+
+
+def _coalesced_ring(
+    config: VmConfig, kvm: k.Kvm, vcpus: list[k.Vcpu], devices: DeviceManager, stack: contextlib.ExitStack
+) -> CoalescedRing | None:
+    """KVM's coalesced-write ring and the devices' zones in it (None when off or not available)."""
+    if not config.coalesced_io:
+        return None
+    page = kvm.check_extension(k.constants.KVM_CAP_COALESCED_MMIO)
+    if page <= 0 or kvm.check_extension(k.constants.KVM_CAP_COALESCED_PIO) <= 0:
+        log.info("KVM has no coalesced PIO: every write exits")
+        return None
+    ring = CoalescedRing(vcpus[0].fd, page)
+    stack.callback(ring.close)
+    devices.coalesce_writes()
+    return ring
 
 
 def _create_vcpus(kvm: k.Kvm, kvm_vm: k.Vm, config: VmConfig, vendor: str | None) -> list[k.Vcpu]:

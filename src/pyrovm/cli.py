@@ -75,6 +75,7 @@ def _run_config(args: argparse.Namespace) -> VmConfig:
         name=args.name,
         vsock=None if args.vsock is None else VsockSpec.parse(args.vsock),
         track_dirty_pages=args.track_dirty_pages,
+        coalesced_io=args.coalesced_io,
     )
 
 
@@ -305,6 +306,14 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="write JSON counters (exit reason, vCPU exits, per-device requests/bytes/errors/"
         "interrupts) to FILE when the VM ends, and on SIGUSR1",
+    )
+    run.add_argument(
+        "--no-coalesced-io",
+        dest="coalesced_io",
+        action="store_false",
+        help="every guest write exits to pyrovm at once; by default KVM queues the writes that may wait "
+        "(the UART's transmit register while its interrupt is off, the CMOS index port) and pyrovm "
+        "serves them before the next exit",
     )
     run.add_argument(
         "--no-host-workarounds",

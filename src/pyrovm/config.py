@@ -374,6 +374,7 @@ class VmConfig:
     vsock: VsockSpec | None = None
     track_dirty_pages: bool = False  # KVM's dirty log on guest RAM, for diff snapshots
     hide_kvm: bool = False  # no KVM hypervisor CPUID leaves (QEMU's -cpu ...,kvm=off)
+    coalesced_io: bool = True  # KVM queues writes that may wait (UART THR while polled, CMOS index)
     cpu_features: tuple[str, ...] = ()  # "+name" (required) / "-name" (hidden), QEMU's names
 
     def __post_init__(self) -> None:
@@ -561,6 +562,7 @@ class VmConfig:
             "vsock": None if self.vsock is None else self.vsock.to_json(),
             "track_dirty_pages": self.track_dirty_pages,
             "hide_kvm": self.hide_kvm,
+            "coalesced_io": self.coalesced_io,
             "cpu_features": list(self.cpu_features),
         }
 
@@ -595,6 +597,7 @@ _JSON_FIELDS: dict[str, tuple[Any, bool]] = {
     "name": (str, False),
     "track_dirty_pages": (bool, False),
     "hide_kvm": (bool, False),
+    "coalesced_io": (bool, False),
 }
 
 

@@ -71,6 +71,32 @@ class IrqWiring(Protocol):
 
     def irqfd(self, fd: int, gsi: int, deassign: bool = False) -> None: ...
 
+    def coalesce(self, addr: int, length: int, pio: bool = False, deassign: bool = False) -> None: ...
+
+
+class _CoalescedZone:
+    """A one-port zone of KVM's coalesced ring, on and off as a device says.  Each switch costs KVM an
+    SRCU grace period (about 4 ms on a nested host), so after :data:`SWITCHES` the zone stays off: a
+    guest that keeps turning the UART's transmit interrupt on and off (a busy interactive tty) then
+    simply exits for every byte."""
+
+    SWITCHES = 16
+
+    def __init__(self, wiring: IrqWiring, port: int) -> None:
+        self._wiring = wiring
+        self._port = port
+        self._left = self.SWITCHES
+        self.on = False
+
+    def __call__(self, on: bool) -> None:
+        if on and not self.on and self._left > 0:
+            self._left -= 1
+            self._wiring.coalesce(self._port, 1, pio=True)
+            self.on = True
+        elif not on and self.on:
+            self._wiring.coalesce(self._port, 1, pio=True, deassign=True)
+            self.on = False
+
 
 @dataclass
 class PlatformHooks:
@@ -118,6 +144,14 @@ class DeviceManager:
         self.slots: list[VirtioSlot] = []
         self._stoppers: list[Callable[[], None]] = []  # host helpers (passt) ended after the devices
         self._closed_metrics: dict[str, dict[str, Any]] | None = None
+
+    def coalesce_writes(self) -> None:
+        """Let KVM queue the writes that may wait (its coalesced PIO; the vCPU threads serve the queue
+        before every exit): the CMOS index port always (only the next data access uses it, as QEMU
+        does), the UART's THR while its interrupt is off (polled console output: each byte's LSR read
+        serves the bytes before it, so every byte costs one exit instead of two)."""
+        self._wiring.coalesce(layout.RTC_PORT, 1, pio=True)
+        self.serial.coalesce_writes(_CoalescedZone(self._wiring, layout.UART_COM1_PORT))
 
     # -- legacy devices ----------------------------------------------------------------------------------
     def add_platform_devices(self, hooks: PlatformHooks) -> None:

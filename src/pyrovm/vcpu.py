@@ -11,7 +11,10 @@ the :class:`Completer` (the vCPU), an interrupted run says so, and every other e
   :meth:`VcpuThreads.resume` lets them re-enter the guest where it was;
 - **halt detection**: with the in-kernel irqchip ``hlt`` does not exit, so a monitor thread asks each
   vCPU every :data:`HALT_POLL_INTERVAL` seconds (through a kick) whether it sits in ``hlt`` with
-  interrupts off; when all do, the VM has halted for good.
+  interrupts off; when all do, the VM has halted for good;
+- **coalesced writes**: after every exit, before serving it, the writes KVM queued in its coalesced ring
+  (:mod:`pyrovm.kvm.coalesced`) are served in order; the monitor serves those of a guest that went quiet
+  every :data:`DRAIN_INTERVAL` seconds.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from . import seccomp
 from .devices.bus import Bus
 from .errors import StateError
 from .kvm import exits as ex
+from .kvm.coalesced import CoalescedRing
 from .memory import GuestMemory
 from .result import ExitLatch, ExitReason
 
@@ -37,6 +41,9 @@ log = logging.getLogger(__name__)
 #: Signal used to kick a vCPU thread out of KVM_RUN.
 KICK_SIGNAL = signal.SIGRTMIN + 1
 HALT_POLL_INTERVAL = 0.5
+#: How often the monitor serves writes left in KVM's coalesced ring when no vCPU exits (the longest a
+#: polled console byte waits when the guest stops touching the UART after it)
+DRAIN_INTERVAL = 0.02
 RFLAGS_IF = 1 << 9
 
 
@@ -177,9 +184,17 @@ class VcpuThreads:
     """One thread per vCPU, plus the halt monitor; stops, pauses and resumes them."""
 
     def __init__(
-        self, vcpus: list[k.Vcpu], pio: Bus, mmio: Bus, memory: GuestMemory, latch: ExitLatch
+        self,
+        vcpus: list[k.Vcpu],
+        pio: Bus,
+        mmio: Bus,
+        memory: GuestMemory,
+        latch: ExitLatch,
+        ring: CoalescedRing | None = None,
     ) -> None:
         self.vcpus = vcpus
+        #: KVM's coalesced-write ring, emptied after every exit before the exit is served
+        self.ring = ring
         self._pio, self._mmio, self._memory, self._latch = pio, mmio, memory, latch
         self.stats = [VcpuStats() for _ in vcpus]
         self._threads: list[threading.Thread] = []
@@ -299,12 +314,15 @@ class VcpuThreads:
                 self._cond.notify_all()
 
     def _loop(self, index: int, vcpu: k.Vcpu) -> None:
-        pio, mmio, stats, run = self._pio, self._mmio, self.stats[index], vcpu.run
+        pio, mmio, stats, run, ring = self._pio, self._mmio, self.stats[index], vcpu.run, self.ring
         seen_poll = 0
         if self._pause_requested and not self._stopping:  # started paused (a restored snapshot)
             self._park()
         while not self._stopping:
-            outcome = handle_exit(run(), pio, mmio, vcpu, stats)
+            e = run()
+            if ring is not None and ring.pending():  # the guest's earlier writes first, in order
+                ring.drain(pio.write, mmio.write)
+            outcome = handle_exit(e, pio, mmio, vcpu, stats)
             if outcome is Next.CONTINUE:
                 continue
             if outcome is Next.INTERRUPTED:
@@ -326,9 +344,21 @@ class VcpuThreads:
         registers, code = crash_state(vcpu, self._memory)
         self._latch.finish(stop.reason, stop.message, vcpu=index, registers=registers, code_bytes=code)
 
+    def drain(self) -> None:
+        """Serve the writes left in the coalesced ring (when the vCPUs are parked or gone)."""
+        if self.ring is not None and self.ring.pending():
+            self.ring.drain(self._pio.write, self._mmio.write)
+
     def _monitor(self) -> None:
         """Ask the vCPUs now and then whether they all sit in ``hlt`` with interrupts off."""
-        while not self._stopped.wait(HALT_POLL_INTERVAL):
+        interval = DRAIN_INTERVAL if self.ring is not None else HALT_POLL_INTERVAL
+        ticks = 0
+        while not self._stopped.wait(interval):
+            self.drain()  # (the writes of a guest that went quiet after them)
+            ticks += 1
+            if ticks * interval < HALT_POLL_INTERVAL:
+                continue
+            ticks = 0
             if self._pause_requested:
                 continue
             if all(self._halted):

@@ -74,6 +74,7 @@ class VM:
         name: str = "pyrovm",
         vsock: str | VsockSpec | None = None,
         track_dirty_pages: bool = False,
+        coalesced_io: bool = True,
     ) -> None:
         """Check the configuration and build the VM (nothing runs until :meth:`start`).
 
@@ -85,7 +86,9 @@ class VM:
         (``"tap=tap0"``, ``"user,hostfwd=tcp::2222-:22"``) or :class:`NetSpec`; *name*: the VM's name
         (default MACs derive from it).  *vsock*: ``"cid=N[,uds=PATH]"`` or a :class:`VsockSpec`, then
         :attr:`vsock` connects to guest ports.  *track_dirty_pages*: KVM's dirty log on guest RAM, so that
-        :meth:`snapshot` can take diff snapshots.  Bad input raises :class:`ConfigError` (or its subclass
+        :meth:`snapshot` can take diff snapshots.  *coalesced_io*: KVM queues the guest's writes that may
+        wait (the UART's THR while its interrupt is off, the CMOS index port) instead of exiting for each;
+        pyrovm serves them before the next exit.  Bad input raises :class:`ConfigError` (or its subclass
         :class:`pyrovm.loader.KernelLoadError`); a host that cannot run VMs :class:`pyrovm.errors.HostError`
         (e.g. :class:`pyrovm.kvm.KvmUnavailable`); all are :class:`pyrovm.PyrovmError`.
 
@@ -118,6 +121,7 @@ class VM:
             name=name,
             vsock=None if vsock is None else VsockSpec.of(vsock),
             track_dirty_pages=track_dirty_pages,
+            coalesced_io=coalesced_io,
         )
         self.machine = build(config, console=sink)
 

@@ -93,6 +93,27 @@ class Serial:
         self._out = out or (lambda data: None)
         self._irq = irq or (lambda level: None)
         self._lock = threading.Lock()
+        self._coalesce: Callable[[bool], object] | None = None
+        self._coalescing = False
+
+    def coalesce_writes(self, switch: Callable[[bool], object]) -> None:
+        """Let the VMM defer THR writes while that is safe: *switch(True)* when a write to THR has no
+        effect but the output (its interrupt is off, no loopback), so the VMM may queue such writes and
+        serve them at the guest's next exit (KVM's coalesced PIO); *switch(False)* when a write must be
+        served at once.  Every other register is read or written at once, after the queued writes."""
+        with self._lock:
+            self._coalesce = switch
+            self._coalescing = False
+            self._update_coalescing()
+
+    def _update_coalescing(self) -> None:
+        if self._coalesce is None:
+            return
+        st = self.state
+        safe = not st.ier & IER_THRE and not st.mcr & MCR_LOOP
+        if safe != self._coalescing:
+            self._coalescing = safe
+            self._coalesce(safe)
 
     # -- snapshots -----------------------------------------------------------------------------------
     def save_state(self) -> SerialState:
@@ -106,6 +127,7 @@ class Serial:
             self.state = replace(state, rx=b"")
             self._rx = deque(state.rx[:RX_BUFFER_LIMIT])
             self._irq(state.irq_level)
+            self._update_coalescing()
 
     def metrics(self) -> dict[str, int]:
         """``tx_bytes`` and ``rx_overruns``."""
@@ -122,6 +144,8 @@ class Serial:
         with self._lock:
             self._write(offset, data[0])
             self._update_irq()
+            if offset in (IER_DLM, MCR):
+                self._update_coalescing()
 
     def _read(self, offset: int) -> int:
         st = self.state

@@ -48,6 +48,8 @@ KVM_IRQFD = _iow(0x76, s.kvm_irqfd)
 KVM_CREATE_PIT2 = _iow(0x77, s.kvm_pit_config)
 KVM_IOEVENTFD = _iow(0x79, s.kvm_ioeventfd)
 KVM_GET_DIRTY_LOG = _iow(0x42, s.kvm_dirty_log)
+KVM_REGISTER_COALESCED_MMIO = _iow(0x67, s.kvm_coalesced_mmio_zone)
+KVM_UNREGISTER_COALESCED_MMIO = _iow(0x68, s.kvm_coalesced_mmio_zone)
 KVM_GET_IRQCHIP = _iowr(0x62, s.kvm_irqchip)
 KVM_SET_IRQCHIP = _ior(0x63, s.kvm_irqchip)
 KVM_GET_PIT2 = _ior(0x9F, s.kvm_pit_state2)
@@ -152,6 +154,8 @@ KVM_CAP_GET_TSC_KHZ = 61
 KVM_CAP_KVMCLOCK_CTRL = 76
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_IMMEDIATE_EXIT = 136
+KVM_CAP_COALESCED_MMIO = 15  # (the answer is the ring's page offset in a vCPU's mmap, 2 on x86)
+KVM_CAP_COALESCED_PIO = 162
 
 CAP_NAMES = {
     KVM_CAP_IRQCHIP: "IRQCHIP",

@@ -109,6 +109,18 @@ class kvm_ioeventfd(ctypes.Structure):
     ]
 
 
+class kvm_coalesced_mmio_zone(ctypes.Structure):
+    _fields_ = [("addr", c_uint64), ("size", c_uint32), ("pio", c_uint32)]
+
+
+class kvm_coalesced_mmio(ctypes.Structure):
+    _fields_ = [("phys_addr", c_uint64), ("len", c_uint32), ("pio", c_uint32), ("data", c_uint8 * 8)]
+
+
+class kvm_coalesced_mmio_ring(ctypes.Structure):
+    _fields_ = [("first", c_uint32), ("last", c_uint32)]  # then the entries, up to the end of the page
+
+
 class kvm_irqfd(ctypes.Structure):
     _fields_ = [
         ("fd", c_uint32), ("gsi", c_uint32), ("flags", c_uint32), ("resamplefd", c_uint32),

@@ -247,6 +247,18 @@ class Vm:
         req = s.kvm_ioeventfd(datamatch=datamatch or 0, addr=addr, len=length, fd=fd, flags=flags)
         _ioctl(self.fd, c.KVM_IOEVENTFD, req, "KVM_IOEVENTFD")
 
+    def coalesce(self, addr: int, length: int, pio: bool = False, deassign: bool = False) -> None:
+        """Have KVM queue guest writes to *addr* .. *addr*+*length* in the coalesced ring instead of
+        exiting (see :mod:`pyrovm.kvm.coalesced`); *deassign*: exit for them again."""
+        zone = s.kvm_coalesced_mmio_zone(addr=addr, size=length, pio=int(pio))
+        request = c.KVM_UNREGISTER_COALESCED_MMIO if deassign else c.KVM_REGISTER_COALESCED_MMIO
+        _ioctl(
+            self.fd,
+            request,
+            zone,
+            "KVM_UNREGISTER_COALESCED_MMIO" if deassign else "KVM_REGISTER_COALESCED_MMIO",
+        )
+
     def irqfd(self, fd: int, gsi: int, deassign: bool = False) -> None:
         """Have a write to eventfd *fd* inject an edge on GSI *gsi*."""
         req = s.kvm_irqfd(fd=fd, gsi=gsi, flags=c.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0)
