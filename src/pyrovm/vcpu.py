@@ -345,9 +345,15 @@ class VcpuThreads:
         self._latch.finish(stop.reason, stop.message, vcpu=index, registers=registers, code_bytes=code)
 
     def drain(self) -> None:
-        """Serve the writes left in the coalesced ring (when the vCPUs are parked or gone)."""
-        if self.ring is not None and self.ring.pending():
+        """Serve the writes left in the coalesced ring (from the monitor, or when the vCPUs are parked or
+        gone); a device's failure ends the VM as on a vCPU thread."""
+        if self.ring is None or not self.ring.pending():
+            return
+        try:
             self.ring.drain(self._pio.write, self._mmio.write)
+        except Exception as exc:
+            log.exception("coalesced writes: VMM error")
+            self._latch.finish(ExitReason.VMM_ERROR, f"coalesced writes: {type(exc).__name__}: {exc}")
 
     def _monitor(self) -> None:
         """Ask the vCPUs now and then whether they all sit in ``hlt`` with interrupts off."""

@@ -46,23 +46,27 @@ class CoalescedRing:
         return first != last
 
     def drain(self, pio_write: Write, mmio_write: Write) -> int:
-        """Serve the queued writes in order (from any thread: one at a time); returns how many."""
+        """Serve the queued writes in order (from any thread: one at a time); returns how many.  An
+        exception of a device's write goes to the caller (that write counts as taken)."""
         mm = self._mm
         size = self.size
         n = 0
         with self._lock:  # (another vCPU that finds the ring non-empty waits until these are served)
-            while True:
-                first, last = _HEAD.unpack_from(mm, 0)
-                if first == last or first >= size:
-                    break
-                addr, length, pio, data = _ENTRY.unpack_from(mm, _HEAD.size + first * _ENTRY.size)
-                (pio_write if pio else mmio_write)(addr, data[: min(length, 8)])
-                # only now: until it is served the ring is not empty, so a vCPU that exits meanwhile
-                # waits on the lock instead of serving its exit before this write
-                _FIRST.pack_into(mm, 0, (first + 1) % size)
-                n += 1
-            self.drained += n
-        return n
+            try:
+                while True:
+                    first, last = _HEAD.unpack_from(mm, 0)
+                    if first == last or first >= size:
+                        return n
+                    addr, length, pio, data = _ENTRY.unpack_from(mm, _HEAD.size + first * _ENTRY.size)
+                    try:
+                        (pio_write if pio else mmio_write)(addr, data[: min(length, 8)])
+                    finally:  # only now: until it is served the ring is not empty, so a vCPU that exits
+                        # meanwhile waits on the lock instead of serving its exit before this write (and
+                        # a write whose device failed is not served twice)
+                        _FIRST.pack_into(mm, 0, (first + 1) % size)
+                    n += 1
+            finally:
+                self.drained += n
 
     def close(self) -> None:
         try:

@@ -70,6 +70,8 @@ _STRUCT_DECODERS = {
     "KVM_IOEVENTFD": _ioeventfd,
     "KVM_IRQFD": lambda a: {"fd": a.fd, "gsi": a.gsi, "deassign": bool(a.flags & c.KVM_IRQFD_FLAG_DEASSIGN)},
     "KVM_IRQ_LINE": lambda a: {"irq": a.irq, "level": a.level},
+    "KVM_REGISTER_COALESCED_MMIO": lambda a: {"addr": _hex(a.addr), "size": a.size, "pio": bool(a.pio)},
+    "KVM_UNREGISTER_COALESCED_MMIO": lambda a: {"addr": _hex(a.addr), "size": a.size, "pio": bool(a.pio)},
     "KVM_CREATE_PIT2": lambda a: {"flags": a.flags},
     "KVM_SET_CPUID2": lambda a: {"nent": a.nent},
     "KVM_GET_SUPPORTED_CPUID": lambda a: {"nent": a.nent},
