@@ -5,9 +5,12 @@ front ends call it for ``main`` once the VM runs).  When a front end enabled fil
 ``pyrovm run``, ``serve``, ``snapshot restore`` and ``qemu`` do unless ``--no-seccomp``), the thread then
 installs its role's filter: the threads that handle what the guest controls get allow-lists — a vCPU thread
 may make only the system calls its exits need (``ioctl`` only with the KVM requests of a running vCPU), the
-I/O thread those of the devices' backends — and the API and main threads, which build VMs, open files and
-start helpers, get a deny-list of what a VMM never needs (``execve`` once running, ``ptrace``, ``mount``,
-module loading, ``bpf``, ``kexec``, ...).  The lists are data: ``seccomp_filters.json`` beside this module, or
+I/O thread those of the devices' backends, the main thread, once the VM runs, what it needs to wait, write
+metrics and close everything (no ``execve``, no process ``clone``, ``socket`` for AF_UNIX only) — and the
+API thread, which builds VMs (any file, every KVM ioctl, passt started as a child that inherits its
+filter), a deny-list of what a VMM never needs (``ptrace``, ``mount``, module loading, ``bpf``, ``kexec``,
+...).  ``PYROVM_SECCOMP_LOG=ROLE[,ROLE]`` (development) lets those roles' calls outside their allow-lists
+through and has the kernel log them (dmesg: audit type=1326), to find what a list lacks.  The lists are data: ``seccomp_filters.json`` beside this module, or
 the user's own file in the same format (``--seccomp-filter FILE``).
 
 A system call a filter does not allow raises SIGSYS in the thread that made it; pyrovm's handler prints
