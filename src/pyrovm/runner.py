@@ -60,6 +60,18 @@ def _is_device(path: str) -> bool:
         return False
 
 
+def _quiet_race_hook(previous: Any) -> Any:
+    """An unraisable hook that drops CPython's "Signal N ignored due to race condition" (a signal that
+    came while its handler became SIG_IGN, which is what was meant) and passes on everything else."""
+
+    def hook(info: Any) -> None:
+        exc = info.exc_value
+        if not (isinstance(exc, OSError) and "ignored due to race condition" in str(exc)):
+            previous(info)
+
+    return hook
+
+
 class SignalWorker:
     """Receives signals through a pipe (:func:`signal.set_wakeup_fd`: the C-level handler writes the
     signal's number there) and acts on them in a thread of its own.  The Python-level handlers do nothing:
@@ -87,6 +99,7 @@ class SignalWorker:
     def ignore(self) -> None:
         """Nothing more to do: ignore the signals from now on (set as ignored, they stay so while Python
         shuts down, which puts the default action back on signals that have a Python handler)."""
+        sys.unraisablehook = _quiet_race_hook(sys.unraisablehook)
         for sig in (signal.SIGUSR1, *STOP_SIGNALS):
             signal.signal(sig, signal.SIG_IGN)
         with self._metrics_lock:  # a snapshot being written is finished, none starts after

@@ -10,7 +10,8 @@ metrics and close everything (no ``execve``, no process ``clone``, ``socket`` fo
 API thread, which builds VMs (any file, every KVM ioctl, passt started as a child that inherits its
 filter), a deny-list of what a VMM never needs (``ptrace``, ``mount``, module loading, ``bpf``, ``kexec``,
 ...).  ``PYROVM_SECCOMP_LOG=ROLE[,ROLE]`` (development) lets those roles' calls outside their allow-lists
-through and has the kernel log them (dmesg: audit type=1326), to find what a list lacks.  The lists are data: ``seccomp_filters.json`` beside this module, or
+through and has the kernel log them (dmesg: audit type=1326), to find what a list lacks.  The lists are
+data: ``seccomp_filters.json`` beside this module, or
 the user's own file in the same format (``--seccomp-filter FILE``).
 
 A system call a filter does not allow raises SIGSYS in the thread that made it; pyrovm's handler prints
