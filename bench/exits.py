@@ -11,12 +11,12 @@ guest RAM mapping excluded.  Ratios are pyrovm / QEMU (lower is better for pyrov
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 
 from common import (
     QEMU,
     measure_rss,
-    median_of,
     pyrovm_cmd,
     qemu_cmd,
     table,
@@ -28,38 +28,38 @@ from common import (
 MEMORY = "128M"
 
 
-def per_exit_us(make_cmd, guest, kind: str, count: int, repeat: int) -> float:  # type: ignore[no-untyped-def]
-    def run(n: int) -> float:
-        t, code, out = timed_run(make_cmd(guest, f"test={kind} count={n}", MEMORY))
-        if code != 1 or f"{kind} done {n}".encode() not in out:
-            raise RuntimeError(f"{kind} run failed (exit {code}): {out[-200:]!r}")
-        return t
+def _run_s(make_cmd, guest, kind: str, n: int) -> float:  # type: ignore[no-untyped-def]
+    t, code, out = timed_run(make_cmd(guest, f"test={kind} count={n}", MEMORY))
+    if code != 1 or f"{kind} done {n}".encode() not in out:
+        raise RuntimeError(f"{kind} run failed (exit {code}): {out[-200:]!r}")
+    return t
 
-    base = median_of(repeat, lambda: run(0))
-    full = median_of(repeat, lambda: run(count))
-    return (full - base) / count * 1e6
+
+def one_round(make, guest, count: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """One measurement of each kind for one VMM."""
+    r = {}
+    for kind in ("pio", "mmio"):
+        base = _run_s(make, guest, kind, 0)
+        r[kind] = (_run_s(make, guest, kind, count) - base) / count * 1e6
+    r["first_byte"] = time_to_first_byte(make(guest, "test=hello", MEMORY)) * 1e3
+    r["rss"] = measure_rss(make(guest, "test=echo", MEMORY), 128 << 20, b"echo ready") / 2**20
+    return r
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", type=int, default=20000, help="exits per run (default 20000)")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per measurement, median taken (default 3)")
+    ap.add_argument("--repeat", type=int, default=5, help="rounds, pyrovm and QEMU alternating (default 5)")
     args = ap.parse_args(argv)
     if QEMU is None:
         print("qemu-system-x86_64 not found: install Debian's qemu-system-x86 (scripts/install-deps.sh)")
         return 1
     guest = testguest.build()
     vmms = {"pyrovm": pyrovm_cmd, "qemu": qemu_cmd}
-    res: dict[str, dict[str, float]] = {name: {} for name in vmms}
-    for name, make in vmms.items():
-        r = res[name]
-        r["pio"] = per_exit_us(make, guest, "pio", args.count, args.repeat)
-        r["mmio"] = per_exit_us(make, guest, "mmio", args.count, args.repeat)
-        r["first_byte"] = (
-            median_of(args.repeat, lambda make=make: time_to_first_byte(make(guest, "test=hello", MEMORY)))
-            * 1e3
-        )
-        r["rss"] = measure_rss(make(guest, "test=echo", MEMORY), 128 << 20, b"echo ready") / 2**20
+    rounds: dict[str, list[dict[str, float]]] = {name: [] for name in vmms}
+    for _ in range(args.repeat):  # alternating, so that load on the machine hits both alike
+        for name, make in vmms.items():
+            rounds[name].append(one_round(make, guest, args.count))
     rows = []
     for key, label, unit in (
         ("pio", "port I/O exit", "µs"),
@@ -67,9 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         ("first_byte", "start to first UART byte", "ms"),
         ("rss", "RSS without guest RAM", "MiB"),
     ):
-        p, q = res["pyrovm"][key], res["qemu"][key]
-        rows.append((f"{label} ({unit})", f"{p:.1f}", f"{q:.1f}", f"{p / q:.2f}x"))
-    print(f"test guest at CPL3, {args.count} exits per run, median of {args.repeat}, 128 MiB guest")
+        cells = []
+        for name in vmms:
+            values = [r[key] for r in rounds[name]]
+            cells.append(f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})")
+        ratios = [p[key] / q[key] for p, q in zip(rounds["pyrovm"], rounds["qemu"], strict=True)]
+        rows.append((f"{label} ({unit})", *cells, f"{statistics.median(ratios):.2f}x"))
+    print(f"test guest at CPL3, {args.count} exits per run, {args.repeat} rounds alternating, 128 MiB guest")
+    print("median (min-max); ratio: the median of the rounds' pyrovm/qemu")
     print(table(rows, ("measure", "pyrovm", "qemu", "pyrovm/qemu")))
     return 0
 
