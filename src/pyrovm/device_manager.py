@@ -30,18 +30,14 @@ from .devices.debug_exit import DebugExit
 from .devices.i8042 import I8042
 from .devices.rtc import Rtc
 from .devices.serial import Serial
-from .devices.virtio import (
+from .devices.virtio.device import VirtioDevice, VirtioDeviceState
+from .devices.virtio.mmio import (
     MMIO_SLOT_SIZE,
     QUEUE_NOTIFY,
-    BlockError,
-    VirtioBlock,
-    VirtioDevice,
+    MmioTransportState,
     VirtioMmioTransport,
-    VirtioRng,
     cmdline_fragment,
 )
-from .devices.virtio.device import VirtioDeviceState
-from .devices.virtio.mmio import MmioTransportState
 from .errors import ConfigError
 from .eventloop import EventFd, EventLoop
 from .memory import GuestMemory
@@ -202,6 +198,8 @@ class DeviceManager:
     def add_disk(self, spec: DiskSpec, index: int) -> VirtioSlot:
         """virtio-blk for *spec* as ``/dev/vd<letter of index>``; ConfigError when it cannot be opened."""
         name = f"vd{chr(ord('a') + index)}"
+        from .devices.virtio.block import BlockError, VirtioBlock  # (a VM without disks does not import it)
+
         try:
             dev = VirtioBlock(
                 spec.path,
@@ -220,6 +218,8 @@ class DeviceManager:
             raise
 
     def add_rng(self, rate_bytes_per_s: int | None = None) -> VirtioSlot:
+        from .devices.virtio.rng import VirtioRng
+
         dev = VirtioRng(rate_bytes_per_s=rate_bytes_per_s, scheduler=self.loop)
         return self.add_virtio(dev, "virtio-rng")
 
