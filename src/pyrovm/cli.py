@@ -373,6 +373,8 @@ def build_parser(with_tools: bool = True, command: str | None = None) -> argpars
     sub.required = True
 
     _add_run_parser(sub)
+    if not with_tools and command == "run":  # (the others' parsers are not needed: start-up)
+        return parser
     if with_tools or command in ("snapshot", "stat"):
         from .snapshot.cli import register as register_snapshot
         from .stat_cli import register as register_stat
