@@ -12,7 +12,6 @@ The builder (:mod:`pyrovm.builder`) turns a validated config into a running mach
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import re
@@ -344,6 +343,8 @@ class VsockSpec:
 def default_mac(vm_name: str, index: int) -> bytes:
     """``02:xx:xx:xx:xx:xx`` from a hash of the VM's name and the NIC's index: stable across runs, locally
     administered, unicast."""
+    import hashlib  # (here: it loads libcrypto, 3 MiB a VM without NICs does not need)
+
     digest = hashlib.sha256(f"pyrovm-nic:{vm_name}:{index}".encode()).digest()
     return b"\x02" + digest[:5]
 

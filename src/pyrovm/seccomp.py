@@ -22,7 +22,6 @@ one line naming the system call, its number and the thread, and ends the process
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import json
 import os
 import signal
@@ -75,13 +74,18 @@ class _Lib:
     """The few libseccomp calls pyrovm uses."""
 
     def __init__(self) -> None:
-        path = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
         try:
-            lib = ctypes.CDLL(path, use_errno=True)
-        except OSError:
-            raise SeccompError(
-                "libseccomp is not installed (Debian: libseccomp2); or run with --no-seccomp"
-            ) from None
+            lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+        except OSError:  # not under its usual name: ask ldconfig (ctypes.util: slow, imports much)
+            from ctypes.util import find_library
+
+            path = find_library("seccomp")
+            try:
+                lib = ctypes.CDLL(path or "libseccomp.so.2", use_errno=True)
+            except OSError:
+                raise SeccompError(
+                    "libseccomp is not installed (Debian: libseccomp2); or run with --no-seccomp"
+                ) from None
         lib.seccomp_init.restype = ctypes.c_void_p
         lib.seccomp_init.argtypes = [ctypes.c_uint32]
         lib.seccomp_rule_add_array.argtypes = [
