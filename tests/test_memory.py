@@ -119,3 +119,50 @@ def test_view_and_contains_agree_with_find(layout: list[tuple[int, int]]) -> Non
     assert mem.contains(0x10000) and not mem.contains(0x0)
     mem.view(0x10004, 4)[:] = b"abcd"
     assert mem.read(0x10004, 4) == b"abcd"
+
+
+def _rss_pages(mem: GuestMemory) -> int:
+    """Resident pages of *mem*'s one region (mincore through the kernel's page map of this process)."""
+    import mmap
+
+    region = mem.regions[0]
+    start, end = region.host_addr, region.host_addr + region.size
+    total = 0
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            if line[:1] in "0123456789abcdef" and "-" in line.split()[0]:
+                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                inside = lo <= start < hi or start <= lo < end
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1]) * 1024 // mmap.PAGESIZE
+    return total
+
+
+def test_fill_zeroes_whole_pages_without_touching_them() -> None:
+    mem = GuestMemory.anonymous(4 << 20)
+    mem.write(0x1000, b"\xaa" * (1 << 20))  # dirty 256 pages
+    mem.write(0x0FFF, b"\x55")
+    before = _rss_pages(mem)
+    mem.fill(0x0800, (1 << 20) + 0x1000)  # unaligned at both ends
+    assert mem.read(0x0800, (1 << 20) + 0x1000) == bytes((1 << 20) + 0x1000)
+    assert mem.read(0x07FF, 1) == b"\0" and mem.read(0x100800, 1) == b"\0"
+    assert _rss_pages(mem) < before - 200  # given back, not written
+    mem.fill(0x2000, 5000, 0x7F)
+    assert mem.read(0x2000, 5000) == b"\x7f" * 5000 and mem.read(0x2000 + 5000, 1) == b"\0"
+    mem.close()
+
+
+def test_fill_zeroes_file_backed_memory_by_writing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "mem"
+    path.write_bytes(b"\x11" * (1 << 20))
+    import os
+
+    fd = os.open(path, os.O_RDWR)
+    try:
+        mem = GuestMemory([(0, 1 << 20)], fd=fd, private=True)
+        mem.fill(0, 1 << 20)  # (MADV_DONTNEED would bring the file's bytes back)
+        assert mem.read(0, 1 << 20) == bytes(1 << 20)
+        mem.close()
+    finally:
+        os.close(fd)

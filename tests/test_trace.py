@@ -96,12 +96,21 @@ def test_creation_calls_in_order_with_their_arguments(guest: Path, tmp_path: Pat
     regs = [c for c in calls if c["name"] == "KVM_SET_REGS" and c["fd"] == "vcpu0"]
     assert regs[-1]["args"]["rip"] == hex(entry)  # the boot vCPU starts at the kernel's PVH entry
     zones = [c["args"] for c in calls if c["name"] == "KVM_REGISTER_COALESCED_MMIO"]
-    assert {"addr": "0x70", "size": 1, "pio": True} in zones and {"addr": "0x3f8", "size": 1, "pio": True} in zones
+    assert {"addr": "0x70", "size": 1, "pio": True} in zones and {
+        "addr": "0x3f8",
+        "size": 1,
+        "pio": True,
+    } in zones
     exits = [r for r in records if r["type"] == "exit"]
     first_in = next(x for x in exits if x["kind"] == "io_in")
     assert first_in["details"]["port"] == "0x3fd"  # "hello...": the LSR poll exits, the bytes are queued
     first_out = next(x for x in exits if x["kind"] == "io_out")
-    assert first_out["details"] == {"port": "0xf4", "size": 4, "count": 1, "data": "00000000"}  # the exit port
+    assert first_out["details"] == {
+        "port": "0xf4",
+        "size": 4,
+        "count": 1,
+        "data": "00000000",
+    }  # the exit port
     header = records[0]
     assert header["type"] == "header" and "checked against this kernel" in header["kernel_paths"]
 

@@ -178,8 +178,17 @@ class GuestMemory:
         r.view[off : off + n] = data
 
     def fill(self, gpa: int, length: int, value: int = 0) -> None:
-        """Set *length* bytes at *gpa* to *value*."""
+        """Set *length* bytes at *gpa* to *value*.  Zeroing whole pages of anonymous memory gives them
+        back to the kernel instead (``MADV_DONTNEED``: they read as zero and cost nothing until written; a
+        kernel's multi-MiB BSS is not touched at load)."""
         r, off = self._find(gpa, length)
+        page = mmap.PAGESIZE
+        first, last = -(-off // page) * page, (off + length) // page * page
+        if value == 0 and r.anonymous and last - first >= 16 * page:
+            r.mm[off:first] = bytes(first - off)
+            r.mm.madvise(mmap.MADV_DONTNEED, first, last - first)
+            r.mm[last : off + length] = bytes(off + length - last)
+            return
         r.mm[off : off + length] = bytes([value]) * length
 
     def read_u8(self, gpa: int) -> int:
