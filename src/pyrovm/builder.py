@@ -299,11 +299,13 @@ def _create_vm(
     stack.callback(kvm_vm.close)  # closes the vCPUs too
     kvm_vm.set_tss_addr(layout.TSS_ADDR)
     kvm_vm.set_identity_map_addr(layout.IDENTITY_MAP_ADDR)
-    kvm_vm.create_irqchip()
-    kvm_vm.create_pit2()
+    # guest RAM before the irqchip and the PIT (as Firecracker): a memory slot added after them waits for
+    # an expedited SRCU grace period (5-7 ms for 128 MiB on this host instead of under 1 ms)
     flags = k.constants.KVM_MEM_LOG_DIRTY_PAGES if config.track_dirty_pages else 0
     for slot, region in enumerate(memory):
         kvm_vm.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr, flags)
+    kvm_vm.create_irqchip()
+    kvm_vm.create_pit2()
     return kvm, kvm_vm
 
 
