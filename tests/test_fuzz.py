@@ -196,6 +196,12 @@ REGRESSIONS: list[tuple[str, str, bytes]] = [
     ),
     # `pyrovm initramfs --add DIR:/x` with a host file name that is not UTF-8: UnicodeEncodeError
     ("cpio", "host-file-name-not-utf8", b">\xd3+\x01\x00\x00\x00@"),
+    # `pyrovm initramfs --add` with a NUL byte in the host path: ValueError from os.stat
+    (
+        "cpio",
+        "host-path-with-nul",
+        b"\xb2\x92\x85&\xc9\xaf\xaf\xaf\xaf\xaf\x01\x00\x00\x00@\x0f\r\xba\xaf)\xc9\x91\xb2\x92\x85&\xc9\xaf\xaf\xaf\xaf\xaf\xaf)\xc9\x91\x85\x81\x01\x01\x85\x01\x00\x00\x00\x00\x00\x00\x13",
+    ),
     # pyrovm qemu: ValueError / IndexError / OverflowError instead of QemuArgError
     ("qemu", "cpu-empty-feature", b"-kernel\0k\0-cpu\0host,"),
     ("qemu", "debug-exit-iobase-not-a-number", b"-kernel\0k\0-device\0isa-debug-exit,iobase=0xfz"),

@@ -309,7 +309,7 @@ def test_parse_add() -> None:
     assert parse_add("rel/dir:/opt") == (Path("rel/dir"), "/opt")
     assert parse_add("/a:b:/c") == (Path("/a:b"), "/c")
     assert parse_add("rootfs:/") == (Path("rootfs"), "/")
-    for bad in ("nocolon", ":/guest", "/host:", "/host:relative", "/host:/a/../b"):
+    for bad in ("nocolon", ":/guest", "/host:", "/host:relative", "/host:/a/../b", "/ho\0st:/x"):
         with pytest.raises(InitramfsError, match="bad"):
             parse_add(bad)
 

@@ -84,6 +84,15 @@ def test_a_jailed_vm_boots_and_does_block_io(jail_dir: Path) -> None:
     assert not (d / "base" / "pyrovm" / "blk").exists()  # the jail is removed afterwards
 
 
+def _wait_for_jailed_server(proc: subprocess.Popen[bytes], sock: Path) -> int:
+    """The jailed ``serve`` process's PID, once its API socket answers."""
+    deadline = time.monotonic() + 30
+    while not socket_answers(sock):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
+    return _jailed_pid(sock)
+
+
 def _jailed_pid(sock: Path) -> int:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -111,13 +120,7 @@ def test_the_jailed_vmm_sees_only_its_jail(jail_dir: Path) -> None:
         env=cli_env(),
     )
     try:
-        deadline = time.monotonic() + 30
-        while not socket_answers(sock):
-            assert proc.poll() is None and time.monotonic() < deadline, (
-                proc.stderr.read() if proc.stderr else ""
-            )
-            time.sleep(0.05)
-        pid = _jailed_pid(sock)
+        pid = _wait_for_jailed_server(proc, sock)
         status = (Path("/proc") / str(pid) / "status").read_text()
         uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
         assert uid_line.split()[1:] == [str(NOBODY)] * 4  # the user, with no way back
@@ -194,13 +197,7 @@ def test_a_jailed_vm_runs_in_its_own_cgroup(
     v1, v2 = cgroups.mounts(cgroups.read_mounts())
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
     try:
-        deadline = time.monotonic() + 30
-        while not socket_answers(sock):
-            assert proc.poll() is None and time.monotonic() < deadline, (
-                proc.stderr.read() if proc.stderr else ""
-            )
-            time.sleep(0.05)
-        pid = _jailed_pid(sock)
+        pid = _wait_for_jailed_server(proc, sock)
         lines = cgroups.current(pid)
         for key, value in expected.items():
             if version == 1:

@@ -11,7 +11,9 @@ Every error pyrovm raises on purpose is a :class:`PyrovmError`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .lazy import lazy_getattr
 
 __version__ = "0.1.0"
 __all__ = [
@@ -51,11 +53,5 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """Import on first use (``pyrovm run`` starts faster without the layers it does not touch yet)."""
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'pyrovm' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(f".{module}", __name__), name)
+#: Imported on first use (``pyrovm run`` starts faster without the layers it does not touch yet).
+__getattr__ = lazy_getattr(__name__, _WHERE)

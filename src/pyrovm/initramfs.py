@@ -268,8 +268,10 @@ class _Tree:
         """
         try:
             st = host.lstat()
-        except OSError as exc:
-            raise InitramfsError(f"host path {host} cannot be read: {exc.strerror or exc}") from exc
+        except (OSError, ValueError) as exc:  # (ValueError: a NUL byte in the path)
+            raise InitramfsError(
+                f"host path {host} cannot be read: {getattr(exc, 'strerror', None) or exc}"
+            ) from exc
         is_root = guest.strip("/") == ""
         if is_root and not stat.S_ISDIR(st.st_mode):
             raise InitramfsError(f"only a directory can be added at '/', not {host}")
@@ -391,6 +393,8 @@ def parse_add(spec: str) -> tuple[Path, str]:
     host, sep, guest = spec.rpartition(":")
     if not sep or not host or not guest:
         raise InitramfsError(f"bad --add {spec!r}: expected HOST_PATH:GUEST_PATH")
+    if "\0" in host:
+        raise InitramfsError(f"bad --add {spec!r}: a NUL byte in the host path")
     if not guest.startswith("/"):
         raise InitramfsError(f"bad --add {spec!r}: the guest path {guest!r} must be absolute")
     if guest.strip("/"):

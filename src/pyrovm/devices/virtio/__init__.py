@@ -6,8 +6,9 @@ that a VM without a disk does not pay for the block device's import at start-up.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from pyrovm.lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from pyrovm.devices.virtio.block import BlockError, DiskLockedError, VirtioBlock
@@ -43,14 +44,7 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
+__getattr__ = lazy_getattr(__name__, _WHERE)
 
 __all__ = [
     "MMIO_SLOT_SIZE",
