@@ -53,7 +53,9 @@ class CoalescedRing:
         n = 0
         with self._lock:  # (another vCPU that finds the ring non-empty waits until these are served)
             try:
-                while True:
+                # at most a ringful: what was queued when this began is all served by then (the ring holds
+                # size - 1), and other vCPUs that keep writing cannot keep this thread here for ever
+                for _ in range(size):
                     first, last = _HEAD.unpack_from(mm, 0)
                     if first == last or first >= size:
                         return n
@@ -65,6 +67,7 @@ class CoalescedRing:
                         # a write whose device failed is not served twice)
                         _FIRST.pack_into(mm, 0, (first + 1) % size)
                     n += 1
+                return n
             finally:
                 self.drained += n
 
