@@ -164,3 +164,4 @@ def run(fuzz_one: Any) -> None:
     quiet()
     atheris.Setup(sys.argv, fuzz_one)
     atheris.Fuzz()
+    sys.exit(0)

@@ -13,7 +13,6 @@ ever built (``_common.sandbox``): ``InstanceStart`` validates the config and is 
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import _common
@@ -172,10 +171,5 @@ def fuzz_one(data: bytes) -> None:
     controller.close()
 
 
-def main() -> None:
-    _common.run(fuzz_one)
-
-
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    _common.run(fuzz_one)

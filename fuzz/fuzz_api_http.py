@@ -106,10 +106,5 @@ def fuzz_one(data: bytes) -> None:
     _check_answers(raw, data)
 
 
-def main() -> None:
-    _common.run(fuzz_one)
-
-
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    _common.run(fuzz_one)

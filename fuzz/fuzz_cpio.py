@@ -18,7 +18,6 @@ import io
 import os
 import shutil
 import stat
-import sys
 import tempfile
 from pathlib import Path
 
@@ -172,10 +171,5 @@ def fuzz_one(data: bytes) -> None:
         _host_tree(fdp)
 
 
-def main() -> None:
-    _common.run(fuzz_one)
-
-
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    _common.run(fuzz_one)

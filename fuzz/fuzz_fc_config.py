@@ -15,7 +15,6 @@ boot is refused too; the kernel, initrd and disk in the seeds are the harness's 
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 
 import _common
@@ -46,10 +45,5 @@ def fuzz_one(data: bytes) -> None:
         controller.close()
 
 
-def main() -> None:
-    _common.run(fuzz_one)
-
-
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    _common.run(fuzz_one)

@@ -11,8 +11,6 @@ entry lies in guest RAM (the loader checks that an ELF's, the PVH note's too, is
 
 from __future__ import annotations
 
-import sys
-
 import _common
 
 with _common.instrumented(__name__):
@@ -40,10 +38,5 @@ def fuzz_one(data: bytes) -> None:
             pass
 
 
-def main() -> None:
-    _common.run(fuzz_one)
-
-
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    _common.run(fuzz_one)

@@ -11,8 +11,6 @@ translates: its config survives ``to_json`` / ``VmConfig.from_json`` (or is refu
 
 from __future__ import annotations
 
-import sys
-
 import _common
 
 with _common.instrumented(__name__):
@@ -44,10 +42,5 @@ def fuzz_one(data: bytes) -> None:
         pass
 
 
-def main() -> None:
-    _common.run(fuzz_one)
-
-
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    _common.run(fuzz_one)

@@ -24,7 +24,6 @@ import base64
 import hashlib
 import os
 import struct
-import sys
 import tempfile
 from typing import Any
 
@@ -160,10 +159,5 @@ def fuzz_one(data: bytes) -> None:
         pass
 
 
-def main() -> None:
-    _common.run(fuzz_one)
-
-
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    _common.run(fuzz_one)

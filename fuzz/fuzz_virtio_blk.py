@@ -10,7 +10,6 @@ between, on a small image (read-write or read-only, with or without a rate limit
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 
 import _common
@@ -110,10 +109,5 @@ def fuzz_one(data: bytes) -> None:
         device.close()
 
 
-def main() -> None:
-    _common.run(fuzz_one)
-
-
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    _common.run(fuzz_one)

@@ -13,8 +13,6 @@ from the input often land inside it.
 
 from __future__ import annotations
 
-import sys
-
 import _common
 import atheris
 
@@ -90,10 +88,5 @@ def fuzz_one(data: bytes) -> None:
         t.reset()
 
 
-def main() -> None:
-    _common.run(fuzz_one)
-
-
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    _common.run(fuzz_one)

@@ -12,7 +12,6 @@ that let the device's queued output drain, a peer that goes away.
 from __future__ import annotations
 
 import socket
-import sys
 from collections.abc import Callable
 
 import _common
@@ -117,10 +116,5 @@ def fuzz_one(data: bytes) -> None:
         peer.close()
 
 
-def main() -> None:
-    _common.run(fuzz_one)
-
-
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    _common.run(fuzz_one)

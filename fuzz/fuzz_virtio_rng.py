@@ -8,8 +8,6 @@ a byte-rate limit (deferred requests come back through the timers the input runs
 
 from __future__ import annotations
 
-import sys
-
 import _common
 import atheris
 
@@ -38,10 +36,5 @@ def fuzz_one(data: bytes) -> None:
         driver.close()
 
 
-def main() -> None:
-    _common.run(fuzz_one)
-
-
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    _common.run(fuzz_one)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import select
 import socket
-import sys
 import tempfile
 from collections.abc import Callable
 
@@ -180,10 +179,5 @@ def fuzz_one(data: bytes) -> None:
             sock.close()
 
 
-def main() -> None:
-    _common.run(fuzz_one)
-
-
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    _common.run(fuzz_one)

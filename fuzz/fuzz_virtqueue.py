@@ -16,8 +16,6 @@ malformed chain names a head inside the queue.
 
 from __future__ import annotations
 
-import sys
-
 import _common
 import atheris
 
@@ -161,10 +159,5 @@ def fuzz_one(data: bytes) -> None:
         q.release()
 
 
-def main() -> None:
-    _common.run(fuzz_one)
-
-
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    _common.run(fuzz_one)
