@@ -422,7 +422,7 @@ def build_parser(with_tools: bool = True, command: str | None = None) -> argpars
         "jail",
         help="run 'pyrovm run' or 'serve' in a jail (namespaces, pivot_root, an unprivileged user)",
         description="pyrovm jail --id ID --uid U --gid G [--chroot-base DIR] [--new-netns] [--rlimit NAME=N] "
-        "-- run|serve ARGS...; see 'pyrovm jail --help'.",
+        "[--cgroup FILE=VALUE] -- run|serve ARGS...; see 'pyrovm jail --help'.",
     )
     jail.add_argument("jail_args", nargs=argparse.REMAINDER, help="the jailer's options, -- and pyrovm's")
 
