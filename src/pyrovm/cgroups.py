@@ -190,16 +190,18 @@ def join(p: Plan, pid: int) -> None:
 
 
 def remove(p: Plan) -> None:
-    """Remove what :func:`make` made, once the processes in it are gone (a few tries: they may be exiting)."""
+    """Remove what :func:`make` made, once the processes in it are gone: the VM's own cgroups with a few
+    tries (its processes may still be exiting), the ones above once (another jail may be using them)."""
     for d in p.made:
-        for _ in range(50):
+        for _ in range(50 if d in p.dirs else 1):
             try:
                 d.rmdir()
                 break
             except FileNotFoundError:
                 break
             except OSError:
-                time.sleep(0.02)
+                if d in p.dirs:
+                    time.sleep(0.02)
 
 
 def read_mounts() -> str:
