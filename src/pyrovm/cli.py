@@ -38,11 +38,29 @@ examples:
 INTERNAL_ERROR = 8
 
 
+def _terminal_columns() -> int:
+    """What ``shutil.get_terminal_size().columns`` says, without importing shutil (which imports zlib,
+    bz2 and lzma: 2 ms and 1 MiB that ``pyrovm run`` does not need)."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno() if sys.__stdout__ else 1).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 80
+    return columns or 80
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line usage errors (status 2); subcommand parsers are made of the same class."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        return self.formatter_class(prog=self.prog, width=_terminal_columns() - 2)  # type: ignore[call-arg]
 
 
 def _fail(message: str) -> int:
