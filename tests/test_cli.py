@@ -120,6 +120,7 @@ def test_doctor() -> None:
     assert "API version 12" in p.stdout
     assert "said hello" in p.stdout
     assert "µs" in p.stdout
+    assert "coalesced port I/O: yes" in p.stdout  # (KVM_CAP_COALESCED_PIO: Linux 5.1 and later)
 
 
 def test_doctor_without_kvm() -> None:

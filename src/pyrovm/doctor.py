@@ -60,6 +60,10 @@ def run_doctor(kvm_path: str | None = None) -> int:
         True,
         f"capabilities present ({len(k.constants.REQUIRED_CAPS)} checked); up to {kvm.max_vcpus()} vCPUs",
     )
+    coalesced = kvm.check_extension(k.constants.KVM_CAP_COALESCED_PIO) > 0
+    _line(
+        None, "coalesced port I/O: " + ("yes (polled console output: one exit a byte)" if coalesced else "no")
+    )
     kvm.close()
     _line(None, f"virtualization: {virtualization_kind()}")
 
